@@ -1,0 +1,1 @@
+"""PRX speedrun trainer: a lean pixel-space text-to-image diffusion trainer."""
