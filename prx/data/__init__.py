@@ -1,0 +1,1 @@
+"""Data sources: the procedural shapes set (tiny preset); webdataset shards arrive later."""

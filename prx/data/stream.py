@@ -1,0 +1,53 @@
+"""The order in which a finite dataset is read: resumable, identical on every rank, split by rank.
+
+The stream is the concatenation of permutations of range(length), a fresh one per epoch from
+(seed, epoch). A global batch is the next `batch_size` indices of that stream; rank r of W takes
+every W-th of them. The whole position is one integer (indices consumed so far, all ranks
+together), which checkpoints store, so a resumed run reads exactly what it would have read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prx.rng import mix_seed
+
+
+class IndexStream:
+    def __init__(self, length: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise ValueError(f"global batch {batch_size} is not divisible by {world_size} ranks")
+        self.length, self.batch_size, self.seed = length, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.position = 0
+        self._epoch, self._order = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0xDA7A))
+            self._epoch, self._order = epoch, torch.randperm(self.length, generator=g)
+        return self._order
+
+    def next_batch(self) -> list[int]:
+        """This rank's indices of the next global batch."""
+        picked = []
+        for pos in range(self.position + self.rank, self.position + self.batch_size, self.world_size):
+            epoch, offset = divmod(pos, self.length)
+            picked.append(int(self._permutation(epoch)[offset]))
+        self.position += self.batch_size
+        return picked
+
+    @property
+    def epoch(self) -> float:
+        return self.position / self.length
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "length": self.length, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["length"] != self.length or state["seed"] != self.seed:
+            raise ValueError(
+                f"data position was saved for a dataset of {state['length']} samples with seed "
+                f"{state['seed']}, but this run has {self.length} samples with seed {self.seed}"
+            )
+        self.position = int(state["position"])
