@@ -1,8 +1,10 @@
 """The index stream: deterministic, split across ranks, resumable from one integer."""
 
 import pytest
+import torch
 
 from prx.data.stream import IndexStream
+from prx.rng import mix_seed, per_sample_normal
 
 
 def test_epochs_are_permutations_and_differ():
@@ -31,3 +33,13 @@ def test_resume_from_position():
     assert [a.next_batch() for _ in range(4)] == [b.next_batch() for _ in range(4)]
     with pytest.raises(ValueError, match="saved for a dataset of 11"):
         IndexStream(12, 4, seed=2).load_state_dict(a.state_dict())
+
+
+def test_per_sample_noise_depends_on_slot_not_on_batch():
+    cpu = torch.device("cpu")
+    full = per_sample_normal((2, 3), seed=0, step=5, slots=[0, 1, 2, 3], device=cpu)
+    odd = per_sample_normal((2, 3), seed=0, step=5, slots=[1, 3], device=cpu)
+    assert torch.equal(full[1::2], odd)
+    assert not torch.equal(full[0], full[1])
+    assert not torch.equal(per_sample_normal((2, 3), 0, 6, [0], cpu), full[:1])
+    assert len({mix_seed(0, s) for s in range(1000)}) == 1000

@@ -24,15 +24,20 @@ class IndexStream:
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0xDA7A))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0xDA7A))  # 0xDA7A: data stream
             self._epoch, self._order = epoch, torch.randperm(self.length, generator=g)
         return self._order
+
+    @property
+    def slots(self) -> list[int]:
+        """This rank's positions inside every global batch (keys for per-sample randomness)."""
+        return list(range(self.rank, self.batch_size, self.world_size))
 
     def next_batch(self) -> list[int]:
         """This rank's indices of the next global batch."""
         picked = []
-        for pos in range(self.position + self.rank, self.position + self.batch_size, self.world_size):
-            epoch, offset = divmod(pos, self.length)
+        for slot in self.slots:
+            epoch, offset = divmod(self.position + slot, self.length)
             picked.append(int(self._permutation(epoch)[offset]))
         self.position += self.batch_size
         return picked
