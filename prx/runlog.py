@@ -1,0 +1,87 @@
+"""What a run tells its user: a progress bar on a terminal, a fixed-format line, metrics JSONL.
+
+Only rank 0 writes. Every `log_every` steps the averaged metrics go to <run_dir>/metrics.jsonl
+(one JSON object per line) and to stdout as one line of fixed layout, e.g.
+
+    step    500/1500 | loss 0.4210 | t<.3 1.920 .3-.6 0.310 >.6 0.105 | gnorm 0.84 | lr 1.0e-03 | 141 img/s
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from prx.flow import T_BIN_NAMES
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.metrics_path = Path(run_dir) / "metrics.jsonl"
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        self._last_time = time.perf_counter()
+        self._last_step = start_step
+
+    def print(self, message: str) -> None:
+        """A line of text that does not break the progress bar."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def wrap_progress(self, description: str):
+        """A function that wraps an iterable in a progress bar when one is shown."""
+        show = self.enabled and sys.stderr.isatty()
+        return lambda items: tqdm(items, desc=description, leave=False) if show else items
+
+    def advance(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
+    def restart_clock(self, step: int) -> None:
+        """Exclude what just happened (setup, evaluation, saving) from the next throughput."""
+        self._last_time, self._last_step = time.perf_counter(), step
+
+    def throughput(self, step: int, images_per_step: int) -> tuple[float, float]:
+        """(seconds per step, images per second) since the previous call."""
+        now = time.perf_counter()
+        steps = max(step - self._last_step, 1)
+        sec_per_step = (now - self._last_time) / steps
+        self._last_time, self._last_step = now, step
+        return sec_per_step, images_per_step / sec_per_step
+
+    def write(self, record: dict) -> None:
+        """Append one JSON record; print a formatted line for training records."""
+        if not self.enabled:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if record.get("kind") == "train":
+            self.print(format_train_line(record, self.total_steps))
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_train_line(r: dict, total_steps: int) -> str:
+    bins = " ".join(
+        f"{label} {r[name]:.3f}" if r.get(name) is not None else f"{label} -"
+        for label, name in zip(("t<.3", ".3-.6", ">.6"), (f"loss_{n}" for n in T_BIN_NAMES))
+    )
+    return (
+        f"step {r['step']:>7}/{total_steps} | loss {r['loss']:.4f} | {bins} | "
+        f"gnorm {r['grad_norm']:.2f} | lr {r['lr']:.1e} | {r['img_per_s']:.0f} img/s | "
+        f"{r['sec_per_step']:.3f} s/step"
+    )

@@ -1,0 +1,211 @@
+"""The PRX speedrun: setup -> model -> optimizer -> data -> loop. Reads top to bottom.
+
+    python train.py                                  # tiny preset: 32 px shapes, minutes on a CPU
+    python train.py --preset prx_small_512 --set train.steps=1000
+    torchrun --nproc-per-node 8 train.py --preset prx_small_512
+    python train.py --resume auto                    # continue the run in --run-dir exactly
+
+Each step: a batch of images and captions -> text embeddings (the empty caption for 10 %) ->
+timesteps and noise -> x_t -> the model predicts x -> velocity-space loss -> AdamW, gradient
+clipped at 0.2, linear warmup. RECIPE.md says what each number is and where it comes from.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from kernels.ref import patchify
+from prx import checkpoint as ckpt
+from prx.config import Config, ConfigError, describe, from_dict, parse_args, save_json
+from prx.data.shapes import ShapesDataset, eval_scenes, make_scene
+from prx.data.stream import IndexStream
+from prx.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown
+from prx.evaluate import generate, save_grid
+from prx.flow import T_BIN_NAMES, add_noise, flow_loss, loss_sums_by_t_bin, sample_timesteps
+from prx.model import PRX, count_parameters
+from prx.rng import per_sample_normal, step_generator
+from prx.runlog import RunLog
+from prx.shapes_score import chance_score, score_images
+from prx.text import CaptionTable, TextEncoderMissing, TextTower, pad_text
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warmup over `warmup_steps`, then constant (RECIPE section 6)."""
+    return cfg.optim.lr * min(1.0, (step + 1) / max(cfg.optim.warmup_steps, 1))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    o = cfg.optim
+    return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                             weight_decay=o.weight_decay, foreach=True)
+
+
+def shapes_evaluation(model, tower, cfg: Config, step: int, run_dir: Path, log: RunLog) -> dict:
+    """Sample the fixed evaluation prompts, save a captioned grid, score prompt following."""
+    scenes = eval_scenes(cfg.train.seed, cfg.eval.num_prompts)
+    captions = [s.caption for s in scenes]
+    start = time.perf_counter()
+    images = generate(model, tower, captions, cfg, steps=cfg.eval.sample_steps,
+                      guidance=cfg.eval.guidance, seed=cfg.eval.seed)
+    score = score_images(images, scenes)
+    grid = save_grid(images[: cfg.eval.grid_prompts], captions[: cfg.eval.grid_prompts],
+                     run_dir / "samples" / f"step_{step:08d}.png")
+    log.print(f"eval step {step}: shapes score {score.format()} ({time.perf_counter() - start:.0f} s), "
+              f"grid {grid}")
+    record = {"kind": "eval", "step": step, **{f"shapes_{k}": v for k, v in score.as_dict().items()}}
+    log.write(record)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    # ------------------------------------------------------------------ setup
+    cfg, args = parse_args(argv)
+    dist = init_distributed(cfg.train.device)
+    device = dist.device
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume_path = None
+    if args.resume == "auto":
+        resume_path = ckpt.latest_checkpoint(run_dir)
+    elif args.resume:
+        resume_path = Path(args.resume)
+    resumed = ckpt.load_checkpoint(resume_path) if resume_path else None
+    if resumed and from_dict(resumed["config"]).model != cfg.model:
+        raise ConfigError(f"checkpoint {resume_path} was trained with a different model config; "
+                          "resume with the same --preset and model.* settings")
+    log = RunLog(run_dir, cfg.train.steps, resumed["step"] if resumed else 0, dist.is_main)
+    if dist.is_main:
+        save_json(cfg, run_dir / "config.json")
+    log.print(describe(cfg))
+    log.print(f"device {device}, {dist.world_size} process(es), run dir {run_dir}")
+    local_batch = cfg.train.batch_size // dist.world_size
+    if local_batch * dist.world_size != cfg.train.batch_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
+                          f"{dist.world_size} processes")
+    use_bf16 = device.type == "cuda" and cfg.train.precision == "bf16"
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=use_bf16)
+
+    # ------------------------------------------------------------------ model and text tower
+    torch.manual_seed(cfg.train.seed)  # the initial weights, identical on every rank
+    model = PRX(cfg.model).to(device)  # fp32 weights; bf16 compute under autocast
+    log.print(f"PRX denoiser: {count_parameters(model):,} parameters")
+    tower = TextTower(cfg.text, device)
+    if tower.hidden_size != cfg.model.text_dim:
+        raise ConfigError(f"text encoder {cfg.text.encoder} is {tower.hidden_size} wide but "
+                          f"model.text_dim={cfg.model.text_dim}; set --set model.text_dim={tower.hidden_size}")
+
+    # ------------------------------------------------------------------ optimizer
+    optimizer = build_optimizer(model, cfg)
+
+    # ------------------------------------------------------------------ data
+    dataset = ShapesDataset(cfg.train.seed, cfg.data.resolution, cfg.data.shapes_length)
+    captions = [make_scene(cfg.train.seed, i).caption for i in range(len(dataset))]
+    log.print(f"encoding {len(captions):,} captions of the shapes set once")
+    caption_table = CaptionTable(tower, captions, progress=log.wrap_progress("captions"))
+    stream = IndexStream(len(dataset), cfg.train.batch_size, cfg.train.seed, dist.rank, dist.world_size)
+    grid = (cfg.data.resolution // cfg.model.patch_size,) * 2
+
+    start_step = 0
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        stream.load_state_dict(resumed["data"])
+        ckpt.set_rng_state(resumed["rng"], device)
+        start_step = resumed["step"]
+        log.print(f"resumed from {resume_path} at step {start_step}")
+        del resumed
+    train_model = DistributedDataParallel(model) if dist.world_size > 1 else model
+    if dist.is_main and start_step == 0:
+        chance = chance_score(eval_scenes(cfg.train.seed, cfg.eval.num_prompts), cfg.data.resolution,
+                              cfg.train.seed)
+        log.print(f"shapes score at chance (images that ignore their prompt): {chance.format()}")
+        log.write({"kind": "chance", **chance.as_dict()})
+
+    # ------------------------------------------------------------------ loop
+    sums = torch.zeros(3, device=device)  # loss, grad norm, steps since the last log line
+    bin_sums, bin_counts = torch.zeros(3, device=device), torch.zeros(3, device=device)
+    log.restart_clock(start_step)
+    for step in range(start_step, cfg.train.steps):
+        indices = stream.next_batch()
+        images = torch.stack([dataset[i][0] for i in indices]).to(device, non_blocking=True)
+        # Per-step randomness, keyed by (seed, step) and global sample slot: replayable on
+        # resume, and the same for any number of processes.
+        gen = step_generator(cfg.train.seed, step)
+        dropped = (torch.rand(cfg.train.batch_size, generator=gen) < cfg.flow.caption_dropout)[stream.slots]
+        t = sample_timesteps(cfg.train.batch_size, cfg.flow, gen)[stream.slots].to(device)
+
+        # Caption dropout: the empty caption's embedding for 10 %, for classifier-free guidance.
+        seqs = [tower.empty() if drop else caption_table[i] for i, drop in zip(indices, dropped.tolist())]
+        text, text_mask = (tensor.to(device) for tensor in pad_text(seqs, cfg.text.pad_to_multiple))
+
+        # Noising in patch layout: x_t = (1 - t) x + t eps.
+        x = patchify(images.float() / 127.5 - 1.0, cfg.model.patch_size)
+        noise = per_sample_normal(x.shape[1:], cfg.train.seed, step, stream.slots, device)
+        x_t = add_noise(x, noise, t, cfg.flow.noise_scale)
+
+        with autocast:
+            x_hat = train_model(x_t, t, text, text_mask, grid)
+        loss, per_sample = flow_loss(x_hat, x, t, cfg.flow.t_floor)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        sums += torch.stack([loss.detach(), grad_norm.detach(), torch.ones((), device=device)])
+        s, c = loss_sums_by_t_bin(per_sample, t)
+        bin_sums += s
+        bin_counts += c
+        done = step + 1
+        log.advance(done)
+
+        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            totals = all_reduce_mean(torch.cat([sums, bin_sums, bin_counts])).tolist()
+            sec_per_step, img_per_s = log.throughput(done, cfg.train.batch_size)
+            record = {"kind": "train", "step": done, "loss": totals[0] / totals[2],
+                      "grad_norm": totals[1] / totals[2], "lr": lr_at(step, cfg),
+                      "epoch": round(stream.epoch, 3), "sec_per_step": sec_per_step, "img_per_s": img_per_s}
+            for k, name in enumerate(T_BIN_NAMES):
+                record[f"loss_{name}"] = totals[3 + k] / totals[6 + k] if totals[6 + k] else None
+            log.write(record)
+            sums.zero_(), bin_sums.zero_(), bin_counts.zero_()
+
+        last = done == cfg.train.steps
+        if dist.is_main and (
+            (cfg.train.sample_every and done % cfg.train.sample_every == 0) or (last and cfg.eval.final)
+        ):
+            record = shapes_evaluation(model, tower, cfg, done, run_dir, log)
+            if last:
+                (run_dir / "shapes_score.json").write_text(json.dumps(record, indent=2) + "\n")
+            log.restart_clock(done)
+
+        if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or last:
+            if dist.is_main:
+                state = {"config": cfg.to_dict(), "step": done, "model": model.state_dict(),
+                         "optimizer": optimizer.state_dict(), "schedule": {"step": done},
+                         "data": stream.state_dict(), "rng": ckpt.rng_state(device)}
+                path = ckpt.save_checkpoint(run_dir, done, state, keep=cfg.train.keep_checkpoints)
+                log.print(f"checkpoint {path}")
+            barrier()
+            log.restart_clock(done)
+
+    log.close()
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ConfigError, TextEncoderMissing, ckpt.CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
