@@ -144,3 +144,10 @@ def test_gradients_reach_every_parameter():
     model(x, t, text, None, (3, 5)).square().mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
+
+
+def test_flop_count_matches_the_recipe():
+    from prx.model import training_flops_per_image
+
+    flops = training_flops_per_image(prx_small_1024().model, image_tokens=1024, text_tokens=256)
+    assert flops / 1e12 == pytest.approx(5.23, abs=0.01)
