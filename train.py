@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     caption_table = CaptionTable(tower, captions, progress=log.wrap_progress("captions"))
     stream = IndexStream(len(dataset), cfg.train.batch_size, cfg.train.seed, dist.rank, dist.world_size)
     grid = (cfg.data.resolution // cfg.model.patch_size,) * 2
+    empty_caption = tower.empty().cpu()  # the caption table lives on the CPU too
 
     start_step = 0
     if resumed:
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         t = sample_timesteps(cfg.train.batch_size, cfg.flow, gen)[stream.slots].to(device)
 
         # Caption dropout: the empty caption's embedding for 10 %, for classifier-free guidance.
-        seqs = [tower.empty() if drop else caption_table[i] for i, drop in zip(indices, dropped.tolist())]
+        seqs = [empty_caption if drop else caption_table[i] for i, drop in zip(indices, dropped.tolist())]
         text, text_mask = (tensor.to(device) for tensor in pad_text(seqs, cfg.text.pad_to_multiple))
 
         # Noising in patch layout: x_t = (1 - t) x + t eps.
