@@ -18,17 +18,19 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.tensor import DTensor
 
 from kernels.ref import patchify
 from prx import checkpoint as ckpt
 from prx.config import Config, ConfigError, describe, from_dict, parse_args, save_json
 from prx.data.shapes import ShapesDataset, eval_scenes, make_scene
 from prx.data.stream import IndexStream
-from prx.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown
+from prx.distributed import DistInfo, all_reduce_mean, barrier, gather_to_main, init_distributed, shutdown
 from prx.evaluate import generate, save_grid
 from prx.flow import T_BIN_NAMES, add_noise, flow_loss, loss_sums_by_t_bin, sample_timesteps
+from prx.guard import BadStepGuard, TooManyBadSteps
 from prx.model import PRX, count_parameters
+from prx.parallel import BatchPlan, parallelize, set_gradient_sync
 from prx.rng import per_sample_normal, step_generator
 from prx.runlog import RunLog
 from prx.shapes_score import chance_score, score_images
@@ -46,13 +48,22 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
                              weight_decay=o.weight_decay, foreach=True)
 
 
-def shapes_evaluation(model, tower, cfg: Config, step: int, run_dir: Path, log: RunLog) -> dict:
-    """Sample the fixed evaluation prompts, save a captioned grid, score prompt following."""
+def shapes_evaluation(model, tower, cfg: Config, dist: DistInfo, step: int, run_dir: Path,
+                      log: RunLog) -> dict | None:
+    """Sample the fixed evaluation prompts, save a captioned grid, score prompt following.
+
+    Every rank samples its share of the prompts (a sharded model needs all ranks in each
+    forward); rank 0 gathers, scores and writes. Returns the record on rank 0, else None.
+    """
     scenes = eval_scenes(cfg.train.seed, cfg.eval.num_prompts)
     captions = [s.caption for s in scenes]
     start = time.perf_counter()
-    images = generate(model, tower, captions, cfg, steps=cfg.eval.sample_steps,
-                      guidance=cfg.eval.guidance, seed=cfg.eval.seed)
+    mine = list(range(dist.rank, len(captions), dist.world_size))
+    images = generate(model, tower, [captions[i] for i in mine], cfg, steps=cfg.eval.sample_steps,
+                      guidance=cfg.eval.guidance, seed=cfg.eval.seed, noise_slots=mine)
+    images = gather_to_main(images, mine, len(captions))
+    if not dist.is_main:
+        return None
     score = score_images(images, scenes)
     grid = save_grid(images[: cfg.eval.grid_prompts], captions[: cfg.eval.grid_prompts],
                      run_dir / "samples" / f"step_{step:08d}.png")
@@ -85,25 +96,24 @@ def main(argv: list[str] | None = None) -> int:
     if dist.is_main:
         save_json(cfg, run_dir / "config.json")
     log.print(describe(cfg))
-    log.print(f"device {device}, {dist.world_size} process(es), run dir {run_dir}")
-    local_batch = cfg.train.batch_size // dist.world_size
-    if local_batch * dist.world_size != cfg.train.batch_size:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
-                          f"{dist.world_size} processes")
-    use_bf16 = device.type == "cuda" and cfg.train.precision == "bf16"
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=use_bf16)
+    plan = BatchPlan.derive(cfg.train.batch_size, dist.world_size, cfg.parallel.micro_batch)
+    log.print(f"device {device}; {plan.describe()}; run dir {run_dir}")
+    compute_dtype = torch.bfloat16 if device.type == "cuda" and cfg.train.precision == "bf16" else torch.float32
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=compute_dtype == torch.bfloat16)
 
     # ------------------------------------------------------------------ model and text tower
     torch.manual_seed(cfg.train.seed)  # the initial weights, identical on every rank
-    model = PRX(cfg.model).to(device)  # fp32 weights; bf16 compute under autocast
+    model = PRX(cfg.model).to(device)  # fp32 weights; bf16 compute
     log.print(f"PRX denoiser: {count_parameters(model):,} parameters")
     tower = TextTower(cfg.text, device)
     if tower.hidden_size != cfg.model.text_dim:
         raise ConfigError(f"text encoder {cfg.text.encoder} is {tower.hidden_size} wide but "
                           f"model.text_dim={cfg.model.text_dim}; set --set model.text_dim={tower.hidden_size}")
 
-    # ------------------------------------------------------------------ optimizer
+    # ------------------------------------------------------------------ parallelize, optimizer
+    train_model = parallelize(model, cfg.parallel, device, dist.world_size, compute_dtype)
     optimizer = build_optimizer(model, cfg)
+    guard = BadStepGuard(cfg.train.max_bad_steps)
 
     # ------------------------------------------------------------------ data
     dataset = ShapesDataset(cfg.train.seed, cfg.data.resolution, cfg.data.shapes_length)
@@ -116,14 +126,12 @@ def main(argv: list[str] | None = None) -> int:
 
     start_step = 0
     if resumed:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
+        ckpt.restore_train_state(model, optimizer, resumed["model"], resumed["optimizer"])
         stream.load_state_dict(resumed["data"])
         ckpt.set_rng_state(resumed["rng"], device)
         start_step = resumed["step"]
         log.print(f"resumed from {resume_path} at step {start_step}")
         del resumed
-    train_model = DistributedDataParallel(model) if dist.world_size > 1 else model
     if dist.is_main and start_step == 0:
         chance = chance_score(eval_scenes(cfg.train.seed, cfg.eval.num_prompts), cfg.data.resolution,
                               cfg.train.seed)
@@ -152,47 +160,55 @@ def main(argv: list[str] | None = None) -> int:
         noise = per_sample_normal(x.shape[1:], cfg.train.seed, step, stream.slots, device)
         x_t = add_noise(x, noise, t, cfg.flow.noise_scale)
 
-        with autocast:
-            x_hat = train_model(x_t, t, text, text_mask, grid)
-        loss, per_sample = flow_loss(x_hat, x, t, cfg.flow.t_floor)
-        loss.backward()
+        # Forward and backward in micro-batches; gradients reduce across ranks on the last one.
+        per_sample = torch.empty(plan.local_batch, device=device)
+        for micro in range(plan.accumulation):
+            part = slice(micro * plan.micro_batch, (micro + 1) * plan.micro_batch)
+            set_gradient_sync(train_model, micro == plan.accumulation - 1)
+            with autocast:
+                x_hat = train_model(x_t[part], t[part], text[part], text_mask[part], grid)
+            micro_loss, micro_per_sample = flow_loss(x_hat, x[part], t[part], cfg.flow.t_floor)
+            (micro_loss / plan.accumulation).backward()
+            per_sample[part] = micro_per_sample.detach()
+        loss = per_sample.mean()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        optimizer.step()
+        if guard.step(optimizer, grad_norm, step + 1):  # skips non-finite gradients
+            sums += torch.stack([loss, grad_norm.detach(), torch.ones((), device=device)])
+            s, c = loss_sums_by_t_bin(per_sample, t)
+            bin_sums += s
+            bin_counts += c
         optimizer.zero_grad(set_to_none=True)
-
-        sums += torch.stack([loss.detach(), grad_norm.detach(), torch.ones((), device=device)])
-        s, c = loss_sums_by_t_bin(per_sample, t)
-        bin_sums += s
-        bin_counts += c
         done = step + 1
         log.advance(done)
 
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
             totals = all_reduce_mean(torch.cat([sums, bin_sums, bin_counts])).tolist()
             sec_per_step, img_per_s = log.throughput(done, cfg.train.batch_size)
-            record = {"kind": "train", "step": done, "loss": totals[0] / totals[2],
-                      "grad_norm": totals[1] / totals[2], "lr": lr_at(step, cfg),
-                      "epoch": round(stream.epoch, 3), "sec_per_step": sec_per_step, "img_per_s": img_per_s}
+            steps_logged = max(totals[2], 1e-12)
+            record = {"kind": "train", "step": done, "loss": totals[0] / steps_logged,
+                      "grad_norm": totals[1] / steps_logged, "lr": lr_at(step, cfg),
+                      "skipped": guard.take_skipped(), "epoch": round(stream.epoch, 3),
+                      "sec_per_step": sec_per_step, "img_per_s": img_per_s}
             for k, name in enumerate(T_BIN_NAMES):
                 record[f"loss_{name}"] = totals[3 + k] / totals[6 + k] if totals[6 + k] else None
             log.write(record)
             sums.zero_(), bin_sums.zero_(), bin_counts.zero_()
 
         last = done == cfg.train.steps
-        if dist.is_main and (
-            (cfg.train.sample_every and done % cfg.train.sample_every == 0) or (last and cfg.eval.final)
-        ):
-            record = shapes_evaluation(model, tower, cfg, done, run_dir, log)
-            if last:
+        if (cfg.train.sample_every and done % cfg.train.sample_every == 0) or (last and cfg.eval.final):
+            record = shapes_evaluation(model, tower, cfg, dist, done, run_dir, log)
+            if last and record is not None:
                 (run_dir / "shapes_score.json").write_text(json.dumps(record, indent=2) + "\n")
             log.restart_clock(done)
 
         if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or last:
+            model_state, optimizer_state = ckpt.gather_train_state(model, optimizer)  # every rank
             if dist.is_main:
-                state = {"config": cfg.to_dict(), "step": done, "model": model.state_dict(),
-                         "optimizer": optimizer.state_dict(), "schedule": {"step": done},
+                state = {"config": cfg.to_dict(), "step": done, "model": model_state,
+                         "optimizer": optimizer_state, "schedule": {"step": done},
                          "data": stream.state_dict(), "rng": ckpt.rng_state(device)}
                 path = ckpt.save_checkpoint(run_dir, done, state, keep=cfg.train.keep_checkpoints)
                 log.print(f"checkpoint {path}")
@@ -207,6 +223,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ConfigError, TextEncoderMissing, ckpt.CheckpointError) as err:
+    except (ConfigError, TextEncoderMissing, ckpt.CheckpointError, TooManyBadSteps) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

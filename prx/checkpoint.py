@@ -96,3 +96,20 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def gather_train_state(model, optimizer) -> tuple[dict, dict]:
+    """Full (unsharded) model and optimizer state dicts on the CPU of rank 0, keyed by parameter
+    name, so they load at any world size and with any wrapping (FSDP2, DDP, checkpointing,
+    compile). Every rank must call it; ranks other than 0 get empty dicts."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def restore_train_state(model, optimizer, model_state: dict, optimizer_state: dict) -> None:
+    """Load full state dicts (from `gather_train_state`) into a possibly sharded model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(full_state_dict=True))

@@ -107,6 +107,19 @@ class TrainConfig:
     sample_every: int = 5000  # sample grid + shapes score (0: never during training)
     checkpoint_every: int = 5000  # 0: only at the end
     keep_checkpoints: int = 3  # newest checkpoint files kept (0: all)
+    max_bad_steps: int = 5  # consecutive steps with a NaN/inf loss or gradient before aborting
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is spread over processes (applied by prx.parallel, never in the model)."""
+
+    data_parallel: str = "fsdp"  # fsdp | ddp; used when there is more than one process
+    activation_checkpointing: str = "none"  # none | full | selective (every n-th block)
+    checkpoint_every_n_blocks: int = 2
+    compile: bool = False  # per-block torch.compile(fullgraph=True)
+    reshard_after_forward: bool = True  # FSDP: free gathered weights after forward (less memory)
+    micro_batch: int = 0  # samples per rank per forward/backward (0: the whole per-rank batch)
 
 
 @dataclass
@@ -130,6 +143,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
@@ -150,6 +164,7 @@ def prx_small_512() -> Config:
         preset="prx_small_512",
         data=DataConfig(resolution=512),
         train=TrainConfig(steps=100_000, batch_size=256, run_dir="runs/prx_small_512"),
+        parallel=ParallelConfig(data_parallel="fsdp", compile=True),
     )
 
 
@@ -294,6 +309,13 @@ def validate(cfg: Config) -> Config:
         (cfg.optim.name == "adamw", f"optim.name={cfg.optim.name!r}: only 'adamw' is available"),
         (t.precision in ("bf16", "fp32"), f"train.precision={t.precision!r}: use bf16 or fp32"),
         (t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r}: use auto, cpu or cuda"),
+        (cfg.parallel.data_parallel in ("fsdp", "ddp"),
+         f"parallel.data_parallel={cfg.parallel.data_parallel!r}: use fsdp or ddp"),
+        (cfg.parallel.activation_checkpointing in ("none", "full", "selective"),
+         f"parallel.activation_checkpointing={cfg.parallel.activation_checkpointing!r}: "
+         "use none, full or selective"),
+        (cfg.parallel.checkpoint_every_n_blocks > 0 and cfg.parallel.micro_batch >= 0,
+         "parallel.checkpoint_every_n_blocks must be positive and parallel.micro_batch >= 0"),
         (t.steps > 0 and t.batch_size > 0, "train.steps and train.batch_size must be positive"),
         (0.0 <= f.caption_dropout < 1.0, "flow.caption_dropout must be in [0, 1)"),
         (0.0 <= f.uniform_fraction <= 1.0, "flow.uniform_fraction must be in [0, 1]"),

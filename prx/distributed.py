@@ -5,6 +5,7 @@ Data parallelism here is plain DDP; FSDP2 replaces it in `prx.parallel` (its own
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -40,8 +41,24 @@ def init_distributed(device_preference: str) -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_preference, local_rank)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=_rendezvous_store(rank, world_size),
+                                rank=rank, world_size=world_size)
     return DistInfo(rank, world_size, local_rank, device)
+
+
+def _rendezvous_store(rank: int, world_size: int) -> dist.Store:
+    """The torchrun store, with keys prefixed by the restart attempt.
+
+    After `torchrun --max-restarts` restarts a failed worker group, the store can still hold the
+    dead workers' addresses under the same keys, and the new workers were seen to connect to
+    those and hang. A fresh prefix per attempt (TORCHELASTIC_RESTART_COUNT) rules that out.
+    """
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=not agent_hosts_store and rank == 0,
+                          timeout=datetime.timedelta(minutes=10))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"prx/attempt{attempt}", store)
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
@@ -51,6 +68,20 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
         if not t.is_cuda:  # gloo has no AVG
             t /= dist.get_world_size()
     return t
+
+
+def gather_to_main(local: torch.Tensor, positions: list[int], total: int) -> torch.Tensor | None:
+    """Rank 0 receives every rank's rows, placed at their `positions` of a (total, ...) tensor."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return local
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (positions, local.cpu()))
+    if dist.get_rank() != 0:
+        return None
+    out = local.new_empty((total, *local.shape[1:]), device="cpu")
+    for rank_positions, rows in parts:
+        out[rank_positions] = rows
+    return out
 
 
 def barrier() -> None:

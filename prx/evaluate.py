@@ -13,6 +13,7 @@ from kernels.ref import unpatchify
 from prx.config import Config
 from prx.flow import euler_sample, guided
 from prx.model import PRX
+from prx.rng import per_sample_normal
 from prx.text import TextTower, pad_text
 
 
@@ -27,13 +28,14 @@ def generate(
     steps: int | None = None,
     guidance: float | None = None,
     seed: int = 0,
+    noise_slots: list[int] | None = None,
     batch_size: int = 64,
     progress=None,
 ) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] for `captions`, Euler sampler with classifier-free guidance.
 
-    The noise of prompt i depends only on (seed, i), so a prompt set gives comparable samples
-    at every evaluation and in any batch size.
+    The noise of prompt i depends only on (seed, noise_slots[i]) (default slot: i), so a prompt
+    set gives comparable samples at every evaluation, in any batch size and split over ranks.
     """
     resolution = resolution or cfg.data.resolution
     steps = steps or cfg.flow.sample_steps
@@ -42,8 +44,9 @@ def generate(
     grid = (resolution // p, resolution // p)
     device = next(model.parameters()).device
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
-    gen = torch.Generator().manual_seed(seed)
-    noise = cfg.flow.noise_scale * torch.randn(len(captions), grid[0] * grid[1], cfg.model.patch_dim, generator=gen)
+    slots = list(range(len(captions))) if noise_slots is None else noise_slots
+    shape = (grid[0] * grid[1], cfg.model.patch_dim)
+    noise = cfg.flow.noise_scale * per_sample_normal(shape, seed, 0, slots, torch.device("cpu"))
     images = []
     for start in range(0, len(captions), batch_size):
         chunk = captions[start : start + batch_size]

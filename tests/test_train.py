@@ -10,6 +10,7 @@ import torch
 
 import train
 from prx import sample
+from tests.test_parallel import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 # A very small model on a small slice of the shapes set: seconds per run.
@@ -90,8 +91,7 @@ def test_two_processes_match_one(tmp_path):
     args = SMALL + ["--steps", "3", "--set", "train.threads=1"]
     subprocess.run([sys.executable, "train.py", *args, "--run-dir", str(one)], cwd=ROOT, check=True,
                    capture_output=True, timeout=300)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                    "--master-port", "29517", "train.py", *args, "--run-dir", str(two)],
+    subprocess.run([*torchrun(2), "train.py", *args, "--run-dir", str(two)],
                    cwd=ROOT, check=True, capture_output=True, timeout=300)
     a, b = read_metrics(one), read_metrics(two)
     assert len(a) == len(b) == 3

@@ -1,0 +1,179 @@
+"""Parallelism on CPU: batch plan, checkpointing and compile of blocks, multi-process runs
+under torchrun (gloo), world-size changes on resume, and recovery from a killed process."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from prx.config import ConfigError, ModelConfig
+from prx.guard import BadStepGuard, TooManyBadSteps
+from prx.model import PRX
+from prx.parallel import BatchPlan, apply_activation_checkpointing
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--set", "model.hidden_dim=64", "--set", "model.num_heads=4", "--set", "model.depth=2",
+         "--set", "data.shapes_length=128", "--batch-size", "8", "--set", "train.sample_every=0",
+         "--set", "eval.final=false", "--set", "train.log_every=1", "--set", "train.threads=1"]
+CFG = ModelConfig(patch_size=4, bottleneck_dim=16, hidden_dim=64, depth=3, num_heads=4, text_dim=24,
+                  time_embed_dim=32)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-port", str(free_port()), *extra]
+
+
+def run_train(args, nproc=1, **kwargs):
+    launcher = [sys.executable, "train.py"] if nproc == 1 else [*torchrun(nproc), "train.py"]
+    return subprocess.run(launcher + args, cwd=ROOT, check=True, capture_output=True, text=True,
+                          timeout=300, **kwargs)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}  # last record per step wins
+
+
+def random_model(seed=0):
+    torch.manual_seed(seed)
+    model = PRX(CFG)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 12, CFG.patch_dim, generator=g), torch.rand(2, generator=g),
+            torch.randn(2, 5, CFG.text_dim, generator=g), torch.ones(2, 5, dtype=torch.bool), (3, 4))
+
+
+def test_batch_plan():
+    plan = BatchPlan.derive(256, 8, 16)
+    assert (plan.local_batch, plan.micro_batch, plan.accumulation) == (32, 16, 2)
+    assert BatchPlan.derive(256, 8).accumulation == 1
+    assert "256 = 8 process(es) x micro-batch 16 x 2" in plan.describe()
+    with pytest.raises(ConfigError, match="not divisible by 3 processes"):
+        BatchPlan.derive(256, 3)
+    with pytest.raises(ConfigError, match="parallel.micro_batch=12"):
+        BatchPlan.derive(256, 8, 12)
+
+
+def test_activation_checkpointing_keeps_names_and_gradients():
+    plain, checkpointed = random_model(), random_model()
+    apply_activation_checkpointing(checkpointed, "full", 1)
+    assert checkpointed.state_dict().keys() == plain.state_dict().keys()
+    for model in (plain, checkpointed):
+        model(*inputs()).square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_compiled_block_equals_eager_block_fullgraph():
+    model = random_model()
+    block = model.blocks[0]
+    x, t, text, mask, grid = inputs()
+    img, txt, cond = model.img_in(x), model.txt_in(text), torch.nn.functional.silu(model.time_in(t))
+    cos, sin = model.rope_tables(*grid, device=x.device)
+    from prx.attention import KeyPadding
+
+    pad = KeyPadding.build(mask, img.shape[1], "sdpa")
+    eager = block(img, txt, cond, cos, sin, pad)
+    compiled = torch.compile(block, fullgraph=True)  # raises on any graph break
+    torch.testing.assert_close(compiled(img, txt, cond, cos, sin, pad), eager, rtol=1e-4, atol=1e-5)
+
+
+def test_accumulation_equals_one_big_batch(tmp_path):
+    run_train(SMALL + ["--run-dir", str(tmp_path / "big"), "--steps", "3"])
+    run_train(SMALL + ["--run-dir", str(tmp_path / "micro"), "--steps", "3", "--set", "parallel.micro_batch=2"])
+    big, micro = losses(tmp_path / "big"), losses(tmp_path / "micro")
+    assert big.keys() == micro.keys() == {1, 2, 3}
+    for step in big:
+        assert micro[step] == pytest.approx(big[step], rel=1e-5)
+
+
+@pytest.mark.parametrize("data_parallel", ["ddp", "fsdp"])
+def test_save_at_two_processes_resume_at_one(tmp_path, data_parallel):
+    """Uninterrupted 1-process run vs 2 processes for 3 steps, then 1 process from that checkpoint."""
+    args = SMALL + ["--set", f"parallel.data_parallel={data_parallel}", "--set", "train.checkpoint_every=3"]
+    run_train(args + ["--run-dir", str(tmp_path / "straight"), "--steps", "6"])
+    run_train(args + ["--run-dir", str(tmp_path / "moved"), "--steps", "3"], nproc=2)
+    run_train(args + ["--run-dir", str(tmp_path / "moved"), "--steps", "6", "--resume", "auto"])
+    straight, moved = losses(tmp_path / "straight"), losses(tmp_path / "moved")
+    assert moved.keys() == straight.keys() == set(range(1, 7))
+    for step in straight:
+        assert moved[step] == pytest.approx(straight[step], rel=1e-4), step
+
+
+def test_sigkilled_worker_is_restarted_and_resumes(tmp_path):
+    """torchrun --max-restarts brings a killed rank back; it resumes from the latest checkpoint."""
+    args = SMALL + ["--steps", "30", "--set", "train.checkpoint_every=5", "--set", "model.depth=6",
+                    "--set", "model.hidden_dim=128", "--resume", "auto"]
+    run_train(args + ["--run-dir", str(tmp_path / "straight")])
+    run_dir = tmp_path / "killed"
+    log_path = tmp_path / "torchrun.log"  # a file, not a pipe: a full pipe would stall the run
+    with open(log_path, "w") as log:
+        launcher = torchrun(2, "--max-restarts", "2")  # static rendezvous, as with --master-port
+        proc = subprocess.Popen([*launcher, "train.py", *args, "--run-dir", str(run_dir)],
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 240
+            while not (run_dir / "checkpoints" / "step_00000010.pt").exists():
+                assert time.time() < deadline and proc.poll() is None, log_path.read_text()[-3000:]
+                time.sleep(0.05)
+            victims = worker_pids(run_dir)
+            assert victims, "no worker process found"
+            os.kill(victims[-1], signal.SIGKILL)
+            proc.wait(timeout=240)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    out = log_path.read_text()
+    assert proc.returncode == 0, out[-3000:]
+    assert "resumed from" in out
+    assert losses(run_dir)[30] == pytest.approx(losses(tmp_path / "straight")[30], rel=1e-4)
+
+
+def worker_pids(run_dir: Path) -> list[int]:
+    """PIDs of train.py workers of this run (their command line names the run dir)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"train.py" in cmd and str(run_dir).encode() in cmd and b"torch.distributed.run" not in cmd:
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def test_bad_steps_are_skipped_then_abort():
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    guard = BadStepGuard(max_in_a_row=2)
+    before = model.weight.detach().clone()
+    model.weight.grad = torch.full_like(model.weight, float("nan"))
+    assert guard.step(opt, torch.tensor(float("nan")), step=1) is False
+    assert torch.equal(model.weight, before) and model.weight.grad is None
+    model.weight.grad = torch.ones_like(model.weight)
+    assert guard.step(opt, torch.tensor(1.0), step=2) is True and guard.in_a_row == 0
+    assert not torch.equal(model.weight, before)
+    assert guard.take_skipped() == 1 and guard.take_skipped() == 0
+    guard.step(opt, torch.tensor(float("inf")), step=3)
+    with pytest.raises(TooManyBadSteps, match="NaN or inf in 2 steps in a row"):
+        guard.step(opt, torch.tensor(float("nan")), step=4)
