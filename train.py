@@ -25,7 +25,7 @@ from prx import checkpoint as ckpt
 from prx.config import Config, ConfigError, describe, from_dict, parse_args, save_json
 from prx.data.shapes import ShapesDataset, eval_scenes, make_scene
 from prx.data.stream import IndexStream
-from prx.distributed import DistInfo, all_reduce_mean, barrier, gather_to_main, init_distributed, shutdown
+from prx.distributed import DistInfo, all_reduce_mean, gather_to_main, init_distributed, shutdown
 from prx.evaluate import generate, save_grid
 from prx.flow import T_BIN_NAMES, add_noise, flow_loss, loss_sums_by_t_bin, sample_timesteps
 from prx.guard import BadStepGuard, TooManyBadSteps
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         resume_path = ckpt.latest_checkpoint(run_dir)
     elif args.resume:
         resume_path = Path(args.resume)
-    resumed = ckpt.load_checkpoint(resume_path) if resume_path else None
+    resumed = ckpt.read_meta(resume_path) if resume_path else None
     if resumed and from_dict(resumed["config"]).model != cfg.model:
         raise ConfigError(f"checkpoint {resume_path} was trained with a different model config; "
                           "resume with the same --preset and model.* settings")
@@ -126,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
 
     start_step = 0
     if resumed:
-        ckpt.restore_train_state(model, optimizer, resumed["model"], resumed["optimizer"])
+        rng = ckpt.load_train_state(resume_path, model, optimizer)  # resharded to this world size
         stream.load_state_dict(resumed["data"])
-        ckpt.set_rng_state(resumed["rng"], device)
+        if rng is not None:
+            ckpt.set_rng_state(rng, device)
         start_step = resumed["step"]
         log.print(f"resumed from {resume_path} at step {start_step}")
         del resumed
@@ -205,14 +206,11 @@ def main(argv: list[str] | None = None) -> int:
             log.restart_clock(done)
 
         if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or last:
-            model_state, optimizer_state = ckpt.gather_train_state(model, optimizer)  # every rank
-            if dist.is_main:
-                state = {"config": cfg.to_dict(), "step": done, "model": model_state,
-                         "optimizer": optimizer_state, "schedule": {"step": done},
-                         "data": stream.state_dict(), "rng": ckpt.rng_state(device)}
-                path = ckpt.save_checkpoint(run_dir, done, state, keep=cfg.train.keep_checkpoints)
-                log.print(f"checkpoint {path}")
-            barrier()
+            meta = {"config": cfg.to_dict(), "step": done, "schedule": {"step": done},
+                    "data": stream.state_dict()}
+            path = ckpt.save_checkpoint(run_dir, done, model, optimizer, meta, ckpt.rng_state(device),
+                                        keep=cfg.train.keep_checkpoints)  # every rank writes its shard
+            log.print(f"checkpoint {path}")
             log.restart_clock(done)
 
     log.close()

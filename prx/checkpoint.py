@@ -1,24 +1,44 @@
-"""Checkpoints: one file per save, written atomically, found again through a `latest` pointer.
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP), atomic, safe to load.
 
-A save goes to a temporary file in the same directory, is flushed to disk, then renamed over
-its final name (rename is atomic on POSIX), and only then does the `latest` pointer move. A
-crash at any moment leaves either the previous checkpoint or the new one as latest, never a
-torn file. Files load with `torch.load(weights_only=True)`: nothing in them is unpickled as code.
+Layout of a run:
 
-Layout: <run_dir>/checkpoints/step_00001500.pt and <run_dir>/checkpoints/latest (a file name).
+    <run_dir>/checkpoints/step_00001500/   .metadata, __<rank>_0.distcp (model + optimizer shards),
+                                           meta.pt (config, step, data position), rng_rank<r>.pt
+    <run_dir>/checkpoints/latest           the name of the newest complete checkpoint
+
+Every rank writes its own shards into a hidden `.step_*.tmp` directory; once all have
+finished, rank 0 renames it (atomic on POSIX) and only then moves `latest`. A crash at any
+moment leaves the previous checkpoint as latest, never a torn one. DCP reshards on load, so a
+run saved on W processes resumes on any other number.
+
+Loading never unpickles code: `meta.pt` and RNG files load with `torch.load(weights_only=True)`;
+DCP's pickled `.metadata` goes through an unpickler that admits only DCP's own metadata
+classes; DCP's non-tensor entries load with weights_only=True (`SafeLoadPlanner`).
 """
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import re
+import shutil
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-# Bump when the state layout changes; older files then fail with a clear message.
-CHECKPOINT_FORMAT = 1
-_NAME = re.compile(r"step_(\d+)\.pt$")
+# Single-process runs save and load without a process group, which DCP announces every time.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+# Bump when the layout changes; checkpoints of other formats then fail with a clear message.
+CHECKPOINT_FORMAT = 2
+_NAME = re.compile(r"^step_(\d+)$")
 
 
 class CheckpointError(RuntimeError):
@@ -29,60 +49,169 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+# ----------------------------------------------------------------------------- safe reading
 
 
-def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 0) -> Path:
-    """Write `state` for `step` and point `latest` at it; keep the newest `keep` files (0: all)."""
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits the classes DCP's .metadata is made of, and nothing else."""
+
+    _ALLOWED = {
+        ("torch", "Size"), ("torch.serialization", "_get_layout"),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if module == "torch.distributed.checkpoint.metadata" or (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    def read_metadata(self, *args, **kwargs):
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as stream:
+            data = stream.read()
+        try:
+            metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+        except Exception as exc:
+            raise CheckpointError(f"checkpoint metadata {path} cannot be read safely: {exc}") from None
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner, but non-tensor entries load with weights_only=True."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)
+        fqn = read_item.dest_index.fqn
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._traverse import set_element
+
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path} cannot be read safely: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, meta: dict, rng: dict,
+                    keep: int = 0) -> Path:
+    """Every rank calls this. Writes shards, meta and RNG states, then publishes atomically."""
     directory = checkpoint_dir(run_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"step_{step:08d}.pt"
-    _atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **state}, f))
-    _atomic_write(directory / "latest", lambda f: f.write(path.name.encode() + b"\n"))
-    if keep > 0:
-        for old in sorted(directory.glob("step_*.pt"))[:-keep]:
-            old.unlink()
-    return path
+    final = directory / f"step_{step:08d}"
+    tmp = directory / f".step_{step:08d}.tmp"
+    if _is_main():
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier attempt
+        tmp.mkdir(parents=True)
+    _barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp,
+             no_dist=not dist.is_initialized())
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.save(rng, tmp / f"rng_rank{rank}.pt")
+    if _is_main():
+        torch.save({"format": CHECKPOINT_FORMAT, **meta}, tmp / "meta.pt")
+    _barrier()  # every shard is on disk
+    if _is_main():
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_atomic(directory / "latest", final.name.encode() + b"\n")
+        if keep > 0:
+            for old in sorted(p for p in directory.iterdir() if _NAME.match(p.name))[:-keep]:
+                shutil.rmtree(old)
+    _barrier()
+    return final
+
+
+# ----------------------------------------------------------------------------- loading
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The file `latest` names, or None when the run has no complete checkpoint."""
+    """The checkpoint `latest` names, or None when the run has no complete checkpoint."""
     pointer = checkpoint_dir(run_dir) / "latest"
     if not pointer.exists():
         return None
     path = pointer.parent / pointer.read_text().strip()
-    return path if _NAME.search(path.name) and path.exists() else None
+    return path if _NAME.match(path.name) and (path / "meta.pt").exists() else None
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+def read_meta(path: str | Path) -> dict:
+    """Config, step and data position of a checkpoint directory; checks the format."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # a torn or foreign file: say which and why
-        raise CheckpointError(f"checkpoint {path} cannot be read safely: {exc}") from None
-    found = state.get("format") if isinstance(state, dict) else None
+    if not (path / "meta.pt").exists():
+        hint = " (a file: checkpoints are directories since format 2)" if path.is_file() else ""
+        raise CheckpointError(f"{path} is not a checkpoint directory with a meta.pt{hint}")
+    meta = _torch_load(path / "meta.pt")
+    found = meta.get("format") if isinstance(meta, dict) else None
     if found != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"checkpoint {path} has format {found!r}; this version reads format {CHECKPOINT_FORMAT}. "
             "Resume it with the version of the trainer that wrote it."
         )
-    return state
+    return meta
+
+
+def _dcp_load(state: dict, path: Path, no_dist: bool) -> None:
+    SafeFileSystemReader(path).read_metadata()  # fails here, with a plain message, on foreign data
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(), no_dist=no_dist)
+    except (Exception, CheckpointException) as exc:  # DCP's is a BaseException with per-rank tracebacks
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise CheckpointError(f"checkpoint {path} could not be loaded: {lines[-1] if lines else exc}") from None
+
+
+def load_train_state(path: str | Path, model, optimizer) -> dict | None:
+    """Every rank calls this: model and optimizer (resharded to this world size); returns this
+    rank's saved RNG state, or None when the checkpoint had fewer ranks."""
+    path = Path(path)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    _dcp_load(state, path, no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng_path = path / f"rng_rank{rank}.pt"
+    return _torch_load(rng_path) if rng_path.exists() else None
+
+
+def load_model_weights(path: str | Path, model) -> None:
+    """Only the model's weights (sampling, evaluation), in one process."""
+    state = {"model": model.state_dict()}
+    _dcp_load(state, Path(path), no_dist=True)
+    model.load_state_dict(state["model"])
 
 
 def rng_state(device: torch.device) -> dict:
@@ -96,20 +225,3 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def gather_train_state(model, optimizer) -> tuple[dict, dict]:
-    """Full (unsharded) model and optimizer state dicts on the CPU of rank 0, keyed by parameter
-    name, so they load at any world size and with any wrapping (FSDP2, DDP, checkpointing,
-    compile). Every rank must call it; ranks other than 0 get empty dicts."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def restore_train_state(model, optimizer, model_state: dict, optimizer_state: dict) -> None:
-    """Load full state dicts (from `gather_train_state`) into a possibly sharded model."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
-                   options=StateDictOptions(full_state_dict=True))

@@ -1,6 +1,6 @@
 """Generate images from a trained checkpoint.
 
-    python -m prx.sample --checkpoint runs/tiny/checkpoints/step_00001500.pt \
+    python -m prx.sample --checkpoint runs/tiny/checkpoints/step_00002000 \
         --prompt "a red circle on the left" --prompt "a blue square at the top" --out samples/
 
 Writes one PNG per prompt (and per --count) plus a captioned grid. The model and text encoder
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from prx.checkpoint import CheckpointError, load_checkpoint
+from prx.checkpoint import CheckpointError, load_model_weights, read_meta
 from prx.config import from_dict
 from prx.distributed import pick_device
 from prx.evaluate import generate, save_grid, save_images
@@ -25,7 +25,7 @@ from prx.text import TextEncoderMissing, TextTower
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Sample images from a PRX checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="a step_*.pt file written by train.py")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory (runs/NAME/checkpoints/step_*)")
     p.add_argument("--prompt", action="append", required=True, help="caption (repeatable)")
     p.add_argument("--count", type=int, default=1, help="images per prompt")
     p.add_argument("--steps", type=int, help="Euler steps (default: the config's flow.sample_steps)")
@@ -39,22 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    state = load_checkpoint(args.checkpoint)
-    cfg = from_dict(state["config"])
+    meta = read_meta(args.checkpoint)
+    cfg = from_dict(meta["config"])
     size = args.size or cfg.data.resolution
     if size % cfg.model.patch_size:
         raise SystemExit(f"error: --size {size} is not a multiple of the patch size {cfg.model.patch_size}")
     device = pick_device(args.device)
     model = PRX(cfg.model)
-    model.load_state_dict(state["model"])
+    load_model_weights(args.checkpoint, model)
     model.to(device).eval()
     tower = TextTower(cfg.text, device)
     captions = [p for p in args.prompt for _ in range(args.count)]
     images = generate(model, tower, captions, cfg, resolution=size, steps=args.steps,
                       guidance=args.guidance, seed=args.seed)
     out = Path(args.out)
-    paths = save_images(images, out, f"step{state['step']}")
-    grid = save_grid(images, captions, out / f"grid_step{state['step']}.png")
+    paths = save_images(images, out, f"step{meta['step']}")
+    grid = save_grid(images, captions, out / f"grid_step{meta['step']}.png")
     for path, caption in zip(paths, captions):
         print(f"{path}  {caption}")
     print(f"grid: {grid}")

@@ -132,7 +132,7 @@ def test_sigkilled_worker_is_restarted_and_resumes(tmp_path):
                                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.time() + 240
-            while not (run_dir / "checkpoints" / "step_00000010.pt").exists():
+            while not (run_dir / "checkpoints" / "step_00000010").exists():
                 assert time.time() < deadline and proc.poll() is None, log_path.read_text()[-3000:]
                 time.sleep(0.05)
             victims = worker_pids(run_dir)

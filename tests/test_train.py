@@ -10,6 +10,9 @@ import torch
 
 import train
 from prx import sample
+from prx.checkpoint import load_model_weights, read_meta
+from prx.config import from_dict
+from prx.model import PRX
 from tests.test_parallel import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,10 +46,14 @@ def test_resume_continues_exactly(tmp_path):
     a, b = read_metrics(straight), read_metrics(stopped)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bit-identical, not just close
-    final_a = torch.load(straight / "checkpoints" / "step_00000006.pt", weights_only=True)
-    final_b = torch.load(stopped / "checkpoints" / "step_00000006.pt", weights_only=True)
-    assert all(torch.equal(final_a["model"][k], final_b["model"][k]) for k in final_a["model"])
-    assert final_a["data"] == final_b["data"]
+    weights = []
+    for run in (straight, stopped):
+        model = PRX(from_dict(read_meta(run / "checkpoints" / "step_00000006")["config"]).model)
+        load_model_weights(run / "checkpoints" / "step_00000006", model)
+        weights.append(model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    metas = [read_meta(run / "checkpoints" / "step_00000006") for run in (straight, stopped)]
+    assert metas[0]["data"] == metas[1]["data"]
 
 
 def test_evaluation_writes_grid_and_score_and_sampling_cli(tmp_path, capsys):
@@ -61,7 +68,7 @@ def test_evaluation_writes_grid_and_score_and_sampling_cli(tmp_path, capsys):
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == 2
 
     out = tmp_path / "samples"
-    sample.main(["--checkpoint", str(run / "checkpoints" / "step_00000002.pt"), "--prompt", "a red circle",
+    sample.main(["--checkpoint", str(run / "checkpoints" / "step_00000002"), "--prompt", "a red circle",
                  "--prompt", "a blue square at the top", "--count", "2", "--steps", "2", "--out", str(out)])
     assert len(list(out.glob("step2_*.png"))) == 4 and (out / "grid_step2.png").exists()
     from PIL import Image
