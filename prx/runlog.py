@@ -80,8 +80,9 @@ def format_train_line(r: dict, total_steps: int) -> str:
         f"{label} {r[name]:.3f}" if r.get(name) is not None else f"{label} -"
         for label, name in zip(("t<.3", ".3-.6", ">.6"), (f"loss_{n}" for n in T_BIN_NAMES))
     )
+    skipped = f" | skipped {r['skipped']} (NaN/inf)" if r.get("skipped") else ""
     return (
         f"step {r['step']:>7}/{total_steps} | loss {r['loss']:.4f} | {bins} | "
         f"gnorm {r['grad_norm']:.2f} | lr {r['lr']:.1e} | {r['img_per_s']:.0f} img/s | "
-        f"{r['sec_per_step']:.3f} s/step"
+        f"{r['sec_per_step']:.3f} s/step{skipped}"
     )
