@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     train_model = parallelize(model, cfg.parallel, device, dist.world_size, compute_dtype)
     optimizer = build_optimizer(model, cfg)
     guard = BadStepGuard(cfg.train.max_bad_steps)
+    checkpoints = ckpt.CheckpointWriter(run_dir, cfg.train.keep_checkpoints, cfg.train.async_checkpoint)
 
     # ------------------------------------------------------------------ data
     dataset = ShapesDataset(cfg.train.seed, cfg.data.resolution, cfg.data.shapes_length)
@@ -208,11 +209,11 @@ def main(argv: list[str] | None = None) -> int:
         if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or last:
             meta = {"config": cfg.to_dict(), "step": done, "schedule": {"step": done},
                     "data": stream.state_dict()}
-            path = ckpt.save_checkpoint(run_dir, done, model, optimizer, meta, ckpt.rng_state(device),
-                                        keep=cfg.train.keep_checkpoints)  # every rank writes its shard
-            log.print(f"checkpoint {path}")
+            path = checkpoints.save(done, model, optimizer, meta, ckpt.rng_state(device))  # every rank
+            log.print(f"checkpoint {path}" + (" (writing in the background)" if cfg.train.async_checkpoint else ""))
             log.restart_clock(done)
 
+    checkpoints.close()
     log.close()
     shutdown()
     return 0

@@ -2,6 +2,7 @@
 
     python bench/bench_step.py --preset tiny --batch-size 64           # CPU
     python bench/bench_step.py --preset prx_small_1024 --batch-size 16  # GPU, bf16 autocast
+    python bench/bench_step.py --preset prx_small_1024 --batch-size 16 --compile  # per-block compile
 
 Inputs are random (noisy patches, timesteps, text embeddings with a padding mask), so no data
 or text encoder is needed. Reports ms/step (median), images/s, achieved TFLOP/s and, on a GPU,
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from prx.config import apply_override, preset  # noqa: E402
 from prx.flow import flow_loss  # noqa: E402
 from prx.model import PRX, training_flops_per_image  # noqa: E402
+from prx.parallel import apply_compile  # noqa: E402
 
 
 def measure_matmul_tflops(device: torch.device) -> float:
@@ -52,6 +54,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--text-tokens", type=int, default=None, help="default: text.max_tokens")
     p.add_argument("--no-mask", action="store_true", help="all text tokens real (no padding)")
+    p.add_argument("--compile", action="store_true", help="per-block torch.compile(fullgraph=True)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "step.csv"))
@@ -66,6 +69,8 @@ def main() -> None:
     n, t_len = side * side, args.text_tokens or cfg.text.max_tokens
 
     model = PRX(m).to(device)
+    if args.compile:
+        apply_compile(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     x = torch.randn(b, n, m.patch_dim, device=device)
     target = torch.randn(b, n, m.patch_dim, device=device)
@@ -103,7 +108,7 @@ def main() -> None:
         "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True).stdout.strip(),
         "preset": cfg.preset, "resolution": cfg.data.resolution, "batch": b, "text_tokens": t_len,
-        "mask": not args.no_mask, "provider": "eager",
+        "mask": not args.no_mask, "provider": "compile" if args.compile else "eager",
         "ms_per_step": round(sec * 1e3, 2), "img_per_s": round(b / sec, 1), "tflops": round(tflops, 3),
     }
     if device.type == "cuda":

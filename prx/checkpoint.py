@@ -128,33 +128,77 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+class CheckpointWriter:
+    """Writes the checkpoints of one run; every rank calls `save` with the same step.
+
+    Synchronous: shards, RNG states and meta are written, then published (rename, `latest`).
+    Asynchronous (`asynchronous=True`): the state is copied to CPU memory and written by a
+    background thread while training goes on; it is published when the next save starts or at
+    `close()`, so `latest` trails by one save until then.
+    """
+
+    def __init__(self, run_dir: str | Path, keep: int = 0, asynchronous: bool = False):
+        self.directory = checkpoint_dir(run_dir)
+        self.keep = keep
+        self.asynchronous = asynchronous
+        self._pending = None  # (future, temporary dir, final dir) of an asynchronous save
+        self._cpu_group = None
+
+    def save(self, step: int, model, optimizer, meta: dict, rng: dict) -> Path:
+        self.close()  # publish the previous asynchronous save first
+        final = self.directory / f"step_{step:08d}"
+        tmp = self.directory / f".step_{step:08d}.tmp"
+        if _is_main():
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier attempt
+            tmp.mkdir(parents=True)
+        _barrier()
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        torch.save(rng, tmp / f"rng_rank{rank}.pt")
+        if _is_main():
+            torch.save({"format": CHECKPOINT_FORMAT, **meta}, tmp / "meta.pt")
+        if self.asynchronous:
+            response = dcp.async_save(state, checkpoint_id=tmp, process_group=self._checkpoint_group(),
+                                      no_dist=not dist.is_initialized())
+            self._pending = (getattr(response, "upload_completion", response), tmp, final)
+        else:
+            dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+            self._publish(tmp, final)
+        return final
+
+    def close(self) -> None:
+        """Wait for an asynchronous save and publish it."""
+        if self._pending is not None:
+            future, tmp, final = self._pending
+            self._pending = None
+            future.result()
+            self._publish(tmp, final)
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        _barrier()  # every shard is on disk
+        if _is_main():
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _write_atomic(self.directory / "latest", final.name.encode() + b"\n")
+            if self.keep > 0:
+                for old in sorted(p for p in self.directory.iterdir() if _NAME.match(p.name))[:-self.keep]:
+                    shutil.rmtree(old)
+        _barrier()
+
+    def _checkpoint_group(self):
+        """Asynchronous DCP needs a CPU backend: a gloo group beside NCCL, made once."""
+        if not dist.is_initialized():
+            return None
+        if self._cpu_group is None:
+            self._cpu_group = dist.new_group(backend="gloo")
+        return self._cpu_group
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, meta: dict, rng: dict,
                     keep: int = 0) -> Path:
-    """Every rank calls this. Writes shards, meta and RNG states, then publishes atomically."""
-    directory = checkpoint_dir(run_dir)
-    final = directory / f"step_{step:08d}"
-    tmp = directory / f".step_{step:08d}.tmp"
-    if _is_main():
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier attempt
-        tmp.mkdir(parents=True)
-    _barrier()
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp,
-             no_dist=not dist.is_initialized())
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    torch.save(rng, tmp / f"rng_rank{rank}.pt")
-    if _is_main():
-        torch.save({"format": CHECKPOINT_FORMAT, **meta}, tmp / "meta.pt")
-    _barrier()  # every shard is on disk
-    if _is_main():
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _write_atomic(directory / "latest", final.name.encode() + b"\n")
-        if keep > 0:
-            for old in sorted(p for p in directory.iterdir() if _NAME.match(p.name))[:-keep]:
-                shutil.rmtree(old)
-    _barrier()
-    return final
+    """One synchronous save (every rank calls it)."""
+    return CheckpointWriter(run_dir, keep).save(step, model, optimizer, meta, rng)
 
 
 # ----------------------------------------------------------------------------- loading

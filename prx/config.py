@@ -106,7 +106,8 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 5000  # sample grid + shapes score (0: never during training)
     checkpoint_every: int = 5000  # 0: only at the end
-    keep_checkpoints: int = 3  # newest checkpoint files kept (0: all)
+    keep_checkpoints: int = 3  # newest checkpoints kept (0: all)
+    async_checkpoint: bool = False  # write checkpoints in a background thread
     max_bad_steps: int = 5  # consecutive steps with a NaN/inf loss or gradient before aborting
 
 

@@ -92,3 +92,21 @@ def test_pickled_code_is_refused(tmp_path):
     (path / ".metadata").write_bytes(pickle.dumps(Payload(), protocol=2))
     with pytest.raises(CheckpointError, match="print, which is not allowed"):
         load_model_weights(path, model)
+
+
+def test_asynchronous_save_publishes_on_close(tmp_path):
+    from prx.checkpoint import CheckpointWriter
+
+    model, opt = trained_pair()
+    writer = CheckpointWriter(tmp_path, keep=0, asynchronous=True)
+    writer.save(1, model, opt, {"step": 1, "config": {}}, {"torch": torch.get_rng_state()})
+    expected = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():  # training goes on while the thread writes: the copy was taken first
+        for p in model.parameters():
+            p.add_(1.0)
+    writer.close()
+    assert latest_checkpoint(tmp_path).name == "step_00000001"
+    fresh, _ = trained_pair(seed=3)
+    load_model_weights(latest_checkpoint(tmp_path), fresh)
+    for a, b in zip(expected, fresh.parameters()):
+        assert torch.equal(a, b)

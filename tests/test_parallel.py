@@ -106,10 +106,11 @@ def test_accumulation_equals_one_big_batch(tmp_path):
         assert micro[step] == pytest.approx(big[step], rel=1e-5)
 
 
-@pytest.mark.parametrize("data_parallel", ["ddp", "fsdp"])
-def test_save_at_two_processes_resume_at_one(tmp_path, data_parallel):
+@pytest.mark.parametrize("data_parallel, asynchronous", [("ddp", False), ("fsdp", False), ("fsdp", True)])
+def test_save_at_two_processes_resume_at_one(tmp_path, data_parallel, asynchronous):
     """Uninterrupted 1-process run vs 2 processes for 3 steps, then 1 process from that checkpoint."""
-    args = SMALL + ["--set", f"parallel.data_parallel={data_parallel}", "--set", "train.checkpoint_every=3"]
+    args = SMALL + ["--set", f"parallel.data_parallel={data_parallel}", "--set", "train.checkpoint_every=3",
+                    "--set", f"train.async_checkpoint={asynchronous}"]
     run_train(args + ["--run-dir", str(tmp_path / "straight"), "--steps", "6"])
     run_train(args + ["--run-dir", str(tmp_path / "moved"), "--steps", "3"], nproc=2)
     run_train(args + ["--run-dir", str(tmp_path / "moved"), "--steps", "6", "--resume", "auto"])
