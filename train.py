@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     if dist.is_main:
         save_json(cfg, run_dir / "config.json")
     log.print(describe(cfg))
+    if args.resume == "auto" and resume_path is None:
+        log.print(f"--resume auto: no checkpoint in {run_dir} yet; starting from step 0")
     plan = BatchPlan.derive(cfg.train.batch_size, dist.world_size, cfg.parallel.micro_batch)
     log.print(f"device {device}; {plan.describe()}; run dir {run_dir}")
     compute_dtype = torch.bfloat16 if device.type == "cuda" and cfg.train.precision == "bf16" else torch.float32
