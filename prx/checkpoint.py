@@ -33,6 +33,8 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from prx.distributed import barrier, process_rank
+
 # Single-process runs save and load without a process group, which DCP announces every time.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
@@ -111,12 +113,7 @@ def _torch_load(path: Path):
 
 
 def _is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    return process_rank() == 0
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -151,11 +148,10 @@ class CheckpointWriter:
         if _is_main():
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier attempt
             tmp.mkdir(parents=True)
-        _barrier()
+        barrier()
         model_state, optimizer_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        torch.save(rng, tmp / f"rng_rank{rank}.pt")
+        torch.save(rng, tmp / f"rng_rank{process_rank()}.pt")
         if _is_main():
             torch.save({"format": CHECKPOINT_FORMAT, **meta}, tmp / "meta.pt")
         if self.asynchronous:
@@ -176,7 +172,7 @@ class CheckpointWriter:
             self._publish(tmp, final)
 
     def _publish(self, tmp: Path, final: Path) -> None:
-        _barrier()  # every shard is on disk
+        barrier()  # every shard is on disk
         if _is_main():
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -184,7 +180,7 @@ class CheckpointWriter:
             if self.keep > 0:
                 for old in sorted(p for p in self.directory.iterdir() if _NAME.match(p.name))[:-self.keep]:
                     shutil.rmtree(old)
-        _barrier()
+        barrier()
 
     def _checkpoint_group(self):
         """Asynchronous DCP needs a CPU backend: a gloo group beside NCCL, made once."""
@@ -246,8 +242,7 @@ def load_train_state(path: str | Path, model, optimizer) -> dict | None:
     state = {"model": model_state, "optimizer": optimizer_state}
     _dcp_load(state, path, no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    rng_path = path / f"rng_rank{rank}.pt"
+    rng_path = path / f"rng_rank{process_rank()}.pt"
     return _torch_load(rng_path) if rng_path.exists() else None
 
 

@@ -1,6 +1,5 @@
-"""Process setup for `python train.py` and `torchrun train.py`: rank, world size, device.
-
-Data parallelism here is plain DDP; FSDP2 replaces it in `prx.parallel` (its own issue).
+"""Process setup for `python train.py` and `torchrun train.py`: rank, world size, device,
+and the few collectives the loop needs. How the model is spread over ranks is `prx.parallel`.
 """
 
 from __future__ import annotations
@@ -59,6 +58,11 @@ def _rendezvous_store(rank: int, world_size: int) -> dist.Store:
                           timeout=datetime.timedelta(minutes=10))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"prx/attempt{attempt}", store)
+
+
+def process_rank() -> int:
+    """This process's rank, 0 without a process group."""
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:

@@ -47,10 +47,10 @@ def generate(
     slots = list(range(len(captions))) if noise_slots is None else noise_slots
     shape = (grid[0] * grid[1], cfg.model.patch_dim)
     noise = cfg.flow.noise_scale * per_sample_normal(shape, seed, 0, slots, torch.device("cpu"))
+    use_cfg = guidance != 1.0
     images = []
     for start in range(0, len(captions), batch_size):
         chunk = captions[start : start + batch_size]
-        use_cfg = guidance != 1.0
         uncond_seqs = [tower.empty()] * len(chunk) if use_cfg else []
         text, mask = pad_text(tower.encode(chunk) + uncond_seqs, tower.cfg.pad_to_multiple)
 
