@@ -1,0 +1,99 @@
+"""What every kernel benchmark shares: timing, the device's ceilings, and long-format CSV rows.
+
+A row is one measurement: (op, shape, dtype, mode, provider) -> ms and GB/s or TFLOP/s, plus the
+machine, library versions and git sha, so rows from different runs never get mixed up. Compare
+only rows of the same device from the same run (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+FIELDS = ["date", "device", "torch", "triton", "git", "op", "shape", "dtype", "mode", "provider",
+          "ms", "gbps", "tflops", "ratio", "note"]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def environment(device: torch.device) -> dict:
+    """The columns that say where and with what a row was measured."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "git": git.stdout.strip(),
+    }
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, reps: int = 50) -> float:
+    """Median milliseconds of `fn()`: triton's do_bench on a GPU, wall clock on the CPU."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=max(reps, 20), return_mode="median"))
+    fn()  # warm up (first-call compilation, allocator)
+    times = []
+    for _ in range(max(3, min(reps, 10))):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth (read + write bytes): the memory-bound ceiling."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device)
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
+def matmul_tflops(device: torch.device, n: int = 8192) -> float:
+    """bf16 n^3 matmul throughput: the matmul-bound ceiling."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms = time_ms(lambda: a @ b, device)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def append_rows(name: str, rows: list[dict], out_dir: Path | None = None) -> Path:
+    """Append rows to `<out_dir>/<name>.csv` (default bench/results/), writing the header once."""
+    path = Path(out_dir or RESULTS) / f"{name}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="raise")
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in FIELDS})
+    return path
+
+
+def format_row(row: dict) -> str:
+    rate = f"{row['gbps']:.0f} GB/s" if row.get("gbps") else f"{row.get('tflops', 0):.1f} TFLOP/s"
+    ratio = f"  x{row['ratio']:.2f} vs compile" if row.get("ratio") else ""
+    return f"{row['op']:<16}{row['shape']:<26}{row['mode']:<6}{row['provider']:<9}{row['ms']:>9.3f} ms  {rate}{ratio}"
