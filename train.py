@@ -21,19 +21,19 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
-from kernels.ref import patchify
+from kernels import patchify_and_noise
 from prx import checkpoint as ckpt
 from prx.config import Config, ConfigError, describe, from_dict, parse_args, save_json
 from prx.data.shapes import ShapesDataset, eval_scenes, make_scene
 from prx.data.stream import IndexStream
 from prx.distributed import DistInfo, all_reduce_mean, gather_to_main, init_distributed, shutdown
 from prx.evaluate import generate, save_grid
-from prx.flow import T_BIN_NAMES, add_noise, flow_loss, loss_sums_by_t_bin, sample_timesteps
+from prx.flow import T_BIN_NAMES, flow_loss, loss_sums_by_t_bin, sample_timesteps
 from prx.guard import BadStepGuard, TooManyBadSteps
 from prx.model import PRX, count_parameters
 from prx.optim import build_optimizer
 from prx.parallel import BatchPlan, parallelize, set_gradient_sync
-from prx.rng import per_sample_normal, step_generator
+from prx.rng import mix_seed, step_generator
 from prx.runlog import RunLog
 from prx.shapes_score import chance_score, score_images
 from prx.text import CaptionTable, TextEncoderMissing, TextTower, pad_text
@@ -155,10 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         seqs = [empty_caption if drop else caption_table[i] for i, drop in zip(indices, dropped.tolist())]
         text, text_mask = (tensor.to(device) for tensor in pad_text(seqs, cfg.text.pad_to_multiple))
 
-        # Noising in patch layout: x_t = (1 - t) x + t eps.
-        x = patchify(images.float() / 127.5 - 1.0, cfg.model.patch_size)
-        noise = per_sample_normal(x.shape[1:], cfg.train.seed, step, stream.slots, device)
-        x_t = add_noise(x, noise, t, cfg.flow.noise_scale)
+        # Noising in patch layout, x_t = (1 - t) x + t eps, in one pass from the uint8 images
+        # (a Triton kernel on GPU); eps is drawn from seeds keyed by (seed, step, global slot).
+        seeds = torch.tensor([mix_seed(cfg.train.seed, step, slot) for slot in stream.slots], device=device)
+        x_t, x = patchify_and_noise(images, t, cfg.model.patch_size, seeds=seeds, noise_scale=cfg.flow.noise_scale)
 
         # Forward and backward in micro-batches; gradients reduce across ranks on the last one.
         per_sample = torch.empty(plan.local_batch, device=device)

@@ -3,3 +3,58 @@
 The model calls the functions exported here; it picks kernel or reference once, by device.
 Until a kernel lands for an op, the reference is what runs.
 """
+
+# ---------------------------------------------------------------- patchify + noise, TREAD routing
+# The Triton kernel on CUDA tensors, the reference of the same signature (kernels.ref) elsewhere.
+import torch as _torch
+
+from kernels import ref as _ref
+
+try:
+    from kernels import patchify as _patchify_kernels
+    from kernels import routing as _routing_kernels
+except ImportError:  # no triton on this machine: the references run
+    _patchify_kernels = _routing_kernels = None
+
+
+def _use_triton(x: _torch.Tensor) -> bool:
+    return x.is_cuda and _patchify_kernels is not None
+
+
+def patchify_and_noise(images: _torch.Tensor, t: _torch.Tensor, patch_size: int,
+                       noise: _torch.Tensor | None = None, seeds: _torch.Tensor | None = None,
+                       noise_offset: int = 0, noise_scale: float = 1.0,
+                       out_dtype: _torch.dtype = _torch.float32) -> tuple[_torch.Tensor, _torch.Tensor]:
+    """uint8 or [-1, 1] images (B, 3, H, W), t (B,) -> (x_t, x) in patch layout, out_dtype.
+    Noise from `noise` (B, L, 3 p p), or drawn from int64 per-sample `seeds` (B,) and
+    `noise_offset` (the same numbers on CPU and GPU, up to float rounding). No gradient."""
+    impl = _patchify_kernels if _use_triton(images) else _ref
+    return impl.patchify_and_noise(images, t, patch_size, noise, seeds, noise_offset, noise_scale, out_dtype)
+
+
+def unpatchify(patches: _torch.Tensor, patch_size: int, height: int, width: int) -> _torch.Tensor:
+    """(B, L, C p p) -> (B, C, H, W), differentiable (the backward is a patchify)."""
+    impl = _patchify_kernels if _use_triton(patches) else _ref
+    return impl.unpatchify(patches, patch_size, height, width)
+
+
+def select_kept_tokens(seeds: _torch.Tensor, num_tokens: int, num_kept: int) -> _torch.Tensor:
+    """TREAD: (B, num_kept) int64 kept token indices, ascending, sample b keyed by seeds[b] only
+    (identical on every device)."""
+    impl = _routing_kernels if _use_triton(seeds) else _ref
+    return impl.select_kept_tokens(seeds, num_tokens, num_kept)
+
+
+def route_gather(x: _torch.Tensor, keep_idx: _torch.Tensor) -> _torch.Tensor:
+    """TREAD: (B, N, C) -> (B, K, C), the kept tokens; differentiable."""
+    impl = _routing_kernels if _use_triton(x) else _ref
+    return impl.route_gather(x, keep_idx)
+
+
+def route_scatter(x_kept: _torch.Tensor, x_full: _torch.Tensor, keep_idx: _torch.Tensor) -> _torch.Tensor:
+    """TREAD: (B, N, C), x_full with its kept rows replaced by x_kept; differentiable in both."""
+    impl = _routing_kernels if _use_triton(x_full) else _ref
+    return impl.route_scatter(x_kept, x_full, keep_idx)
+
+
+route_gather_table = _ref.route_gather_table  # (N, ...) RoPE tables / positions -> (B, K, ...)

@@ -60,3 +60,122 @@ def newton_schulz(x: torch.Tensor, coefficients: list[tuple[float, float, float]
         B = b * A + c * (A @ A)
         X = a * X + B @ X
     return X.mT if tall else X
+
+
+# ---------------------------------------------------------------- patchify + noise, TREAD routing
+# References of kernels/patchify.py and kernels/routing.py. The random numbers are Philox4x32-10
+# keyed by a per-sample 64-bit seed, written out in integer torch ops so that the CPU reference
+# draws bit for bit the integers the Triton kernels draw (tl.randint4x), on any device.
+
+_M32 = 0xFFFFFFFF
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+
+
+def philox4x32(seeds: torch.Tensor, counters: torch.Tensor, rounds: int = 10):
+    """Four uint32 streams (as int64 in [0, 2^32)) of Philox4x32 for key = seed (64 bits) and
+    counter = (counter lo, counter hi, 0, 0); seeds and counters broadcast. Same as tl.randint4x.
+
+    Products of two 32-bit values are formed in int64, whose wrap-around keeps all 64 bits of the
+    unsigned product, so the high word is (p >> 32) & 0xFFFFFFFF.
+    """
+    k0, k1 = seeds & _M32, (seeds >> 32) & _M32
+    c0, c1 = counters & _M32, (counters >> 32) & _M32
+    c2 = c3 = torch.zeros_like(c0)
+    for _ in range(rounds):
+        prod_b, prod_a = c2 * _PHILOX_ROUND_B, c0 * _PHILOX_ROUND_A
+        c0, c1, c2, c3 = (((prod_b >> 32) & _M32) ^ c1 ^ k0, prod_b & _M32,
+                          ((prod_a >> 32) & _M32) ^ c3 ^ k1, prod_a & _M32)
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _M32, (k1 + _PHILOX_KEY_B) & _M32
+    return c0, c1, c2, c3
+
+
+def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """uint32 (as int64) -> float32 uniform in the open interval (0, 1), from the top 24 bits."""
+    return ((bits >> 8).to(torch.float32) + 0.5) * 2.0**-24
+
+
+def normal_from_seeds(seeds: torch.Tensor, offset: int, num_tokens: int, channels: int,
+                      patch_size: int) -> torch.Tensor:
+    """(B, L, C * p * p) float32 N(0, 1) noise in patch layout, sample b keyed by seeds[b] alone
+    (so it does not depend on the batch it sits in): the noise the fused kernel draws.
+
+    With q = ceil(p * p / 4), element (l, c, j) of a sample (j = row * p + column in the patch)
+    is component j % 4 of Box-Muller applied to the pairs (r0, r1), (r2, r3) of
+    Philox(seed, counter = offset + (l * C + c) * q + j // 4); the components of a pair are
+    (rho cos theta, rho sin theta), rho = sqrt(-2 ln u_first), theta = 2 pi u_second.
+    A sample uses the counters [offset, offset + L * C * q).
+    """
+    pp = patch_size * patch_size
+    groups = -(-pp // 4)
+    counters = offset + torch.arange(num_tokens * channels * groups, device=seeds.device)
+    u0, u1, u2, u3 = (uniform_from_bits(r) for r in philox4x32(seeds.to(torch.int64)[:, None], counters[None]))
+    rho01, theta01 = torch.sqrt(-2.0 * torch.log(u0)), 6.283185307179586 * u1
+    rho23, theta23 = torch.sqrt(-2.0 * torch.log(u2)), 6.283185307179586 * u3
+    normals = torch.stack([rho01 * torch.cos(theta01), rho01 * torch.sin(theta01),
+                           rho23 * torch.cos(theta23), rho23 * torch.sin(theta23)], dim=-1)
+    normals = normals.reshape(seeds.shape[0], num_tokens * channels, groups * 4)[..., :pp]
+    return normals.reshape(seeds.shape[0], num_tokens, channels * pp)
+
+
+def images_to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1] (x / 127.5 - 1); float images are taken as already in [-1, 1]."""
+    if images.dtype == torch.uint8:
+        return images.float() / 127.5 - 1.0
+    return images.float()
+
+
+def patchify_and_noise(images: torch.Tensor, t: torch.Tensor, patch_size: int,
+                       noise: torch.Tensor | None = None, seeds: torch.Tensor | None = None,
+                       noise_offset: int = 0, noise_scale: float = 1.0,
+                       out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (B, 3, H, W) uint8 or float in [-1, 1], t (B,) -> (x_t, x) in patch layout
+    (B, L, 3 * p * p) and out_dtype: x = patchify(images), x_t = (1 - t) x + t * noise_scale * eps.
+
+    eps is `noise` (B, L, 3 * p * p) when given, else drawn from per-sample int64 `seeds` (B,)
+    and `noise_offset` as `normal_from_seeds` says. Computed in fp32, rounded once at the end.
+    """
+    if (noise is None) == (seeds is None):
+        raise ValueError("patchify_and_noise: pass exactly one of noise and seeds")
+    x = patchify(images_to_unit_range(images), patch_size)
+    if noise is not None:
+        eps = noise.float()
+    else:
+        eps = normal_from_seeds(seeds, noise_offset, x.shape[1], images.shape[1], patch_size)
+    tb = t.float().reshape(-1, 1, 1)
+    x_t = (1 - tb) * x + tb * (noise_scale * eps)
+    return x_t.to(out_dtype), x.to(out_dtype)
+
+
+def route_keys(seeds: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """(B, N) int64 sort keys of the TREAD selection: (Philox(seed_b, n) word 0) * 2^31 + n, so
+    all keys of a sample differ and the selection is exact on any device."""
+    tokens = torch.arange(num_tokens, device=seeds.device)
+    bits = philox4x32(seeds.to(torch.int64)[:, None], tokens[None])[0]
+    return (bits << 31) + tokens
+
+
+def select_kept_tokens(seeds: torch.Tensor, num_tokens: int, num_kept: int) -> torch.Tensor:
+    """(B, num_kept) int64 indices of the tokens that stay in the routed span, ascending: the
+    num_kept smallest keys of `route_keys`. Sample b depends on seeds[b] only."""
+    if not 0 < num_kept <= num_tokens:
+        raise ValueError(f"select_kept_tokens: cannot keep {num_kept} of {num_tokens} tokens")
+    keys = route_keys(seeds, num_tokens)
+    return keys.topk(num_kept, dim=1, largest=False).indices.sort(dim=1).values
+
+
+def route_gather(x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+    """x (B, N, C), keep_idx (B, K) -> (B, K, C): the kept tokens, in the order of keep_idx."""
+    return x.gather(1, keep_idx[..., None].expand(-1, -1, x.shape[2]))
+
+
+def route_scatter(x_kept: torch.Tensor, x_full: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+    """(B, N, C): x_full with row keep_idx[b, k] replaced by x_kept[b, k]; the routed-away
+    tokens come back unchanged."""
+    return x_full.scatter(1, keep_idx[..., None].expand(-1, -1, x_full.shape[2]), x_kept)
+
+
+def route_gather_table(table: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+    """A per-token table shared by the batch (N, ...), e.g. RoPE cos/sin (N, 1, D/2) or grid
+    positions (N, 2) -> (B, K, ...) for the kept tokens. Tiny; plain indexing on every device."""
+    return table[keep_idx]

@@ -1,0 +1,123 @@
+"""Benchmark the fused patchify + noise and unpatchify kernels against their references.
+
+    python bench/bench_patchify.py                                # GPU: 512 and 1024 px, batch 16
+    python bench/bench_patchify.py --smoke --out-dir /tmp/bench  # CPU: tiny shape, interpreter
+
+Providers: torch (eager reference), compile (torch.compile of the reference: the honest
+baseline), triton; plus `copy`, a device copy of the same number of bytes. GB/s counts the
+minimal bytes: uint8 image in, two bf16 tensors out (5 B/pixel), plus the fp32 noise when it is
+passed in; unpatchify reads and writes each bf16 element once. For in-kernel noise the baseline
+draws its noise with torch.randn (which inductor also fuses): the torch Philox of kernels.ref is
+a correctness reference, not a speed one. Mode `bwd` of unpatchify times the op its backward
+runs (a patchify of the image gradient). Rows go to <out-dir>/patchify.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import append_rows, copy_bandwidth_gbps, environment, format_row, time_ms  # noqa: E402
+from kernels import patchify as kp  # noqa: E402
+from kernels import ref  # noqa: E402
+
+
+def measure(op, shape, dtype, mode, nbytes, providers, device, env, peak_gbps=None):
+    """One row per provider (and a `copy` row of the same bytes); ratio = compile ms / ms;
+    the note of a triton row gives its share of the copy bandwidth (1 GiB and same bytes)."""
+    rows = []
+    for provider, fn in providers.items():
+        ms = time_ms(fn, device)
+        rows.append({**env, "op": op, "shape": shape, "dtype": dtype, "mode": mode, "provider": provider,
+                     "ms": ms, "gbps": nbytes / (ms * 1e-3) / 1e9})
+    baseline = next((r["ms"] for r in rows if r["provider"] == "compile"), None)
+    copy_gbps = copy_bandwidth_gbps(device, nbytes)
+    for row in rows:
+        if row["provider"] == "triton":
+            row["ratio"] = baseline / row["ms"] if baseline else ""
+            share = f"{row['gbps'] / peak_gbps:.0%} of 1 GiB copy, " if peak_gbps else ""
+            row["note"] = f"{share}{row['gbps'] / copy_gbps:.0%} of same-bytes copy"
+    rows.append({**env, "op": op, "shape": shape, "dtype": dtype, "mode": mode, "provider": "copy",
+                 "ms": nbytes / copy_gbps / 1e6, "gbps": copy_gbps, "note": "device copy of the same bytes"})
+    return rows
+
+
+def unfused_with_randn(images, t, p):
+    """The trainer's unfused path: float conversion, patchify, randn, noising, cast."""
+    x = ref.patchify(images.float() / 127.5 - 1.0, p)
+    tb = t.reshape(-1, 1, 1)
+    x_t = (1 - tb) * x + tb * torch.randn_like(x)
+    return x_t.bfloat16(), x.bfloat16()
+
+
+def cases(batch, size, p, device, names):
+    gen = torch.Generator(device=device).manual_seed(0)
+    images = torch.randint(0, 256, (batch, 3, size, size), generator=gen, device=device, dtype=torch.uint8)
+    t = torch.rand(batch, generator=gen, device=device)
+    seeds = torch.randint(0, 2**62, (batch,), generator=gen, device=device)
+    tokens, dim = (size // p) ** 2, 3 * p * p
+    noise = torch.randn(batch, tokens, dim, generator=gen, device=device)
+    patches = torch.randn(batch, tokens, dim, generator=gen, device=device).bfloat16()
+    grad_images = torch.randn(batch, 3, size, size, generator=gen, device=device).bfloat16()
+    pixels = batch * 3 * size * size
+    compiled = {name: torch.compile(fn) for name, fn in [
+        ("randn", unfused_with_randn), ("noise", ref.patchify_and_noise),
+        ("unpatchify", ref.unpatchify), ("patchify", ref.patchify)]} if "compile" in names else {}
+
+    def pick(providers):
+        return {k: v for k, v in providers.items() if k in names}
+
+    yield "patchify_noise", "seeds", pixels * (1 + 2 + 2), pick({
+        "torch": lambda: unfused_with_randn(images, t, p),
+        "compile": lambda: compiled["randn"](images, t, p),
+        "triton": lambda: kp.patchify_and_noise(images, t, p, seeds=seeds, out_dtype=torch.bfloat16)})
+    yield "patchify_noise", "noise", pixels * (1 + 4 + 2 + 2), pick({
+        "torch": lambda: ref.patchify_and_noise(images, t, p, noise=noise, out_dtype=torch.bfloat16),
+        "compile": lambda: compiled["noise"](images, t, p, noise=noise, out_dtype=torch.bfloat16),
+        "triton": lambda: kp.patchify_and_noise(images, t, p, noise=noise, out_dtype=torch.bfloat16)})
+    yield "unpatchify", "fwd", pixels * 2 * 2, pick({
+        "torch": lambda: ref.unpatchify(patches, p, size, size),
+        "compile": lambda: compiled["unpatchify"](patches, p, size, size),
+        "triton": lambda: kp.unpatchify(patches, p, size, size)})
+    yield "unpatchify", "bwd", pixels * 2 * 2, pick({
+        "torch": lambda: ref.patchify(grad_images, p),
+        "compile": lambda: compiled["patchify"](grad_images, p),
+        "triton": lambda: kp.launch_patchify(grad_images, p)})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shape (CPU: the Triton interpreter)")
+    parser.add_argument("--providers", default="torch,compile,triton")
+    parser.add_argument("--out-dir", default=None, help="CSV folder (default bench/results/)")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    names = args.providers.split(",")
+    shapes = [(2, 64, 32)] if args.smoke else [(16, 512, 32), (16, 1024, 32)]
+    env = environment(device)
+    rows = []
+    peak = None
+    if device.type == "cuda":
+        peak = copy_bandwidth_gbps(device)
+        print(f"device copy bandwidth (1 GiB): {peak:.0f} GB/s")
+    for batch, size, p in shapes:
+        for op, mode, nbytes, providers in cases(batch, size, p, device, names):
+            new = measure(op, f"{batch}x3x{size}x{size} p{p}", "uint8->bf16" if op != "unpatchify" else "bf16",
+                          mode, nbytes, providers, device, env, peak)
+            for row in new:
+                print(format_row(row) + (f"  ({row['note']})" if row["provider"] == "triton" else ""))
+            rows += new
+    print(f"rows appended to {append_rows('patchify', rows, Path(args.out_dir) if args.out_dir else None)}")
+
+
+if __name__ == "__main__":
+    main()
