@@ -58,3 +58,32 @@ def route_scatter(x_kept: _torch.Tensor, x_full: _torch.Tensor, keep_idx: _torch
 
 
 route_gather_table = _ref.route_gather_table  # (N, ...) RoPE tables / positions -> (B, K, ...)
+
+
+# ---------------------------------------------------------------- losses: flow matching, LPIPS head, cosine
+try:
+    from kernels import losses as _loss_kernels
+except ImportError:  # no triton on this machine: the references run
+    _loss_kernels = None
+
+
+def _loss_impl(x: _torch.Tensor):
+    return _loss_kernels if x.is_cuda and _loss_kernels is not None else _ref
+
+
+def flow_loss(x_hat: _torch.Tensor, x: _torch.Tensor, t: _torch.Tensor, t_floor: float = 0.05,
+              weight: _torch.Tensor | None = None) -> tuple[_torch.Tensor, _torch.Tensor]:
+    """Velocity-space loss of an x-prediction: (mean of weight * per_sample, per_sample (B,)), fp32."""
+    return _loss_impl(x_hat).flow_loss(x_hat, x, t, t_floor, weight)
+
+
+def lpips_distance(preds, targets, weights, eps: float = 1e-10) -> _torch.Tensor:
+    """LPIPS heads summed over layers, (B,): per layer the spatial mean of
+    sum_c w_c (unit(pred) - unit(target))_c^2; gradient to preds only."""
+    return _loss_impl(preds[0]).lpips_distance(preds, targets, weights, eps)
+
+
+def cosine_alignment(a: _torch.Tensor, b: _torch.Tensor, mask: _torch.Tensor | None = None,
+                     eps: float = 1e-8) -> tuple[_torch.Tensor, _torch.Tensor]:
+    """(mean over valid tokens of cos(a, b), per-sample mean (B,)), fp32; gradient to a only."""
+    return _loss_impl(a).cosine_alignment(a, b, mask, eps)

@@ -179,3 +179,52 @@ def route_gather_table(table: torch.Tensor, keep_idx: torch.Tensor) -> torch.Ten
     """A per-token table shared by the batch (N, ...), e.g. RoPE cos/sin (N, 1, D/2) or grid
     positions (N, 2) -> (B, K, ...) for the kept tokens. Tiny; plain indexing on every device."""
     return table[keep_idx]
+
+
+# ----------------------------------------------------------------------------- losses (kernels/losses.py)
+
+
+def flow_loss(x_hat: torch.Tensor, x: torch.Tensor, t: torch.Tensor, t_floor: float = 0.05,
+              weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Velocity-space loss of an x-prediction (RECIPE section 2): (mean, per-sample (B,)), fp32.
+
+    v_hat - v = ((x_t - x_hat) - (x_t - x)) / max(t, t_floor) = (x - x_hat) / max(t, t_floor).
+    per_sample is unweighted (the per-t-bin log); mean = mean_b(weight_b * per_sample_b).
+    """
+    scale = 1.0 / t.detach().float().clamp_min(t_floor)
+    err = (x.float() - x_hat.float()) * scale.reshape(-1, *([1] * (x.dim() - 1)))
+    per_sample = err.square().flatten(1).mean(1)
+    if weight is None:
+        return per_sample.mean(), per_sample
+    return (weight.detach().float() * per_sample).mean(), per_sample
+
+
+def lpips_head_distance(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+                        eps: float = 1e-10) -> torch.Tensor:
+    """One LPIPS layer (lpips v0.1): unit-normalise over channels, squared difference, the
+    layer's linear weights, spatial mean. pred, target: (B, C, h, w); weight: C values -> (B,)."""
+    def unit(f):
+        return f / (f.square().sum(1, keepdim=True).sqrt() + eps)
+
+    diff = (unit(pred.float()) - unit(target.float())).square()
+    return (diff * weight.float().reshape(1, -1, 1, 1)).sum(1).mean((1, 2))
+
+
+def lpips_distance(preds, targets, weights, eps: float = 1e-10) -> torch.Tensor:
+    """LPIPS: the sum over layers of `lpips_head_distance`, (B,)."""
+    return sum(lpips_head_distance(p, q, w, eps) for p, q, w in zip(preds, targets, weights, strict=True))
+
+
+def cosine_alignment(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None,
+                     eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean over valid tokens of cos(a, b), per-sample mean (B,)), fp32; a, b: (B, N, D).
+
+    cos = a.b / (max(|a|, eps) max(|b|, eps)); mask (B, N) weights the tokens (None: all);
+    a sample with no valid token gets 0.
+    """
+    a32, b32 = a.float(), b.float()
+    cos = (a32 * b32).sum(-1) / (a32.norm(dim=-1).clamp_min(eps) * b32.norm(dim=-1).clamp_min(eps))
+    m = torch.ones_like(cos) if mask is None else mask.detach().to(cos.dtype)
+    sums, counts = (m * cos).sum(1), m.sum(1)
+    per_sample = torch.where(counts > 0, sums / counts.clamp_min(1e-12), torch.zeros_like(sums))
+    return sums.sum() / counts.sum().clamp_min(1e-12), per_sample

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+import kernels
 from prx.config import FlowConfig
 
 # Timestep bins of the per-t loss log: [0, 0.3), [0.3, 0.6), [0.6, 1].
@@ -46,16 +47,16 @@ def add_noise(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, noise_scale
     return (1 - t) * x + t * (noise_scale * noise)
 
 
-def flow_loss(x_hat: torch.Tensor, x: torch.Tensor, t: torch.Tensor, t_floor: float = 0.05):
-    """Velocity-space loss of an x-prediction: (mean loss, per-sample losses (B,)).
+def flow_loss(x_hat: torch.Tensor, x: torch.Tensor, t: torch.Tensor, t_floor: float = 0.05,
+              weight: torch.Tensor | None = None):
+    """Velocity-space loss of an x-prediction: (mean loss, per-sample losses (B,)), fp32.
 
     v_hat - v = ((x_t - x_hat) - (x_t - x)) / max(t, t_floor) = (x - x_hat) / max(t, t_floor),
-    so x_t is not needed. Computed in fp32.
+    so x_t is not needed. per_sample is unweighted (it feeds the per-t-bin log); the mean is
+    mean_b(weight_b * per_sample_b), weight 1 when None. On CUDA tensors the fused Triton kernel
+    (`kernels.losses.flow_loss`: one pass forward, one backward); elsewhere the reference.
     """
-    scale = 1.0 / t.float().clamp_min(t_floor)
-    err = (x.float() - x_hat.float()) * _per_sample(scale, x.float())
-    per_sample = err.square().flatten(1).mean(1)
-    return per_sample.mean(), per_sample
+    return kernels.flow_loss(x_hat, x, t, t_floor, weight)
 
 
 def t_bin_index(t: torch.Tensor) -> torch.Tensor:

