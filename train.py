@@ -25,7 +25,9 @@ from kernels import patchify_and_noise
 from prx import checkpoint as ckpt
 from prx.config import Config, ConfigError, describe, from_dict, parse_args, save_json
 from prx.data.shapes import ShapesDataset, eval_scenes, make_scene
+from prx.data.shards import ShardError
 from prx.data.stream import IndexStream
+from prx.data.webdata import ShardBatches
 from prx.distributed import DistInfo, all_reduce_mean, gather_to_main, init_distributed, shutdown
 from prx.evaluate import generate, save_grid
 from prx.flow import T_BIN_NAMES, flow_loss, loss_sums_by_t_bin, sample_timesteps
@@ -42,6 +44,15 @@ from prx.text import CaptionTable, TextEncoderMissing, TextTower, pad_text
 def lr_at(step: int, cfg: Config) -> float:
     """Linear warmup over `warmup_steps`, then constant (RECIPE section 6)."""
     return cfg.optim.lr * min(1.0, (step + 1) / max(cfg.optim.warmup_steps, 1))
+
+
+def embed_captions(tower: TextTower, captions: list[str], dropped: list[bool],
+                   empty: torch.Tensor) -> list[torch.Tensor]:
+    """Per-caption embeddings of one batch (captions of real data are not known in advance);
+    dropped captions take the empty caption's embedding and are not encoded."""
+    kept = [c for c, drop in zip(captions, dropped) if not drop]
+    encoded = iter(tower.encode(kept) if kept else [])
+    return [empty if drop else next(encoded) for drop in dropped]
 
 
 def shapes_evaluation(model, tower, cfg: Config, dist: DistInfo, step: int, run_dir: Path,
@@ -115,13 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     checkpoints = ckpt.CheckpointWriter(run_dir, cfg.train.keep_checkpoints, cfg.train.async_checkpoint)
 
     # ------------------------------------------------------------------ data
-    dataset = ShapesDataset(cfg.train.seed, cfg.data.resolution, cfg.data.shapes_length)
-    captions = [make_scene(cfg.train.seed, i).caption for i in range(len(dataset))]
-    log.print(f"encoding {len(captions):,} captions of the shapes set once")
-    caption_table = CaptionTable(tower, captions, progress=log.wrap_progress("captions"))
-    stream = IndexStream(len(dataset), cfg.train.batch_size, cfg.train.seed, dist.rank, dist.world_size)
-    grid = (cfg.data.resolution // cfg.model.patch_size,) * 2
-    empty_caption = tower.empty().cpu()  # the caption table lives on the CPU too
+    shapes = cfg.data.source == "shapes"
+    if shapes:  # the procedural set: captions known in advance, embedded once
+        dataset = ShapesDataset(cfg.train.seed, cfg.data.resolution, cfg.data.shapes_length)
+        captions = [make_scene(cfg.train.seed, i).caption for i in range(len(dataset))]
+        log.print(f"encoding {len(captions):,} captions of the shapes set once")
+        caption_table = CaptionTable(tower, captions, progress=log.wrap_progress("captions"))
+        stream = IndexStream(len(dataset), cfg.train.batch_size, cfg.train.seed, dist.rank, dist.world_size)
+        empty_caption = tower.empty().cpu()  # the caption table lives on the CPU too
+    else:  # webdataset shards: aspect-bucketed batches, captions embedded per batch
+        stream = ShardBatches(cfg.data, cfg.model.patch_size, device, cfg.train.seed, cfg.train.batch_size,
+                              dist.rank, dist.world_size, log.print, log.wrap_progress("indexing shards"))
+        empty_caption = tower.empty()
 
     start_step = 0
     if resumed:
@@ -132,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         start_step = resumed["step"]
         log.print(f"resumed from {resume_path} at step {start_step}")
         del resumed
-    if dist.is_main and start_step == 0:
+    if dist.is_main and start_step == 0 and shapes:
         chance = chance_score(eval_scenes(cfg.train.seed, cfg.eval.num_prompts), cfg.data.resolution,
                               cfg.train.seed)
         log.print(f"shapes score at chance (images that ignore their prompt): {chance.format()}")
@@ -143,8 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     bin_sums, bin_counts = torch.zeros(3, device=device), torch.zeros(3, device=device)
     log.restart_clock(start_step)
     for step in range(start_step, cfg.train.steps):
-        indices = stream.next_batch()
-        images = torch.stack([dataset[i][0] for i in indices]).to(device, non_blocking=True)
+        if shapes:
+            indices = stream.next_batch()
+            images = torch.stack([dataset[i][0] for i in indices]).to(device, non_blocking=True)
+        else:  # one aspect bucket per batch, so the token grid changes from batch to batch
+            batch = stream.next_batch()
+            images = batch.images
+        grid = (images.shape[2] // cfg.model.patch_size, images.shape[3] // cfg.model.patch_size)
         # Per-step randomness, keyed by (seed, step) and global sample slot: replayable on
         # resume, and the same for any number of processes.
         gen = step_generator(cfg.train.seed, step)
@@ -152,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         t = sample_timesteps(cfg.train.batch_size, cfg.flow, gen)[stream.slots].to(device)
 
         # Caption dropout: the empty caption's embedding for 10 %, for classifier-free guidance.
-        seqs = [empty_caption if drop else caption_table[i] for i, drop in zip(indices, dropped.tolist())]
+        if shapes:
+            seqs = [empty_caption if drop else caption_table[i] for i, drop in zip(indices, dropped.tolist())]
+        else:
+            seqs = embed_captions(tower, batch.captions, dropped.tolist(), empty_caption)
         text, text_mask = (tensor.to(device) for tensor in pad_text(seqs, cfg.text.pad_to_multiple))
 
         # Noising in patch layout, x_t = (1 - t) x + t eps, in one pass from the uint8 images
@@ -198,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             sums.zero_(), bin_sums.zero_(), bin_counts.zero_()
 
         last = done == cfg.train.steps
-        if (cfg.train.sample_every and done % cfg.train.sample_every == 0) or (last and cfg.eval.final):
+        if shapes and ((cfg.train.sample_every and done % cfg.train.sample_every == 0) or (last and cfg.eval.final)):
             record = shapes_evaluation(model, tower, cfg, dist, done, run_dir, log)
             if last and record is not None:
                 (run_dir / "shapes_score.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -220,6 +244,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ConfigError, TextEncoderMissing, ckpt.CheckpointError, TooManyBadSteps) as err:
+    except (ConfigError, TextEncoderMissing, ckpt.CheckpointError, TooManyBadSteps, ShardError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -75,9 +75,18 @@ class TextConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "shapes"  # only the built-in procedural set for now
-    resolution: int = 512
+    """Training images: the procedural shapes set, or webdataset shards (`--data`, prx.data.webdata)."""
+
+    source: str = "shapes"  # shapes | webdataset
+    path: str = ""  # webdataset shards: a .tar, a folder of them, a glob or a brace pattern
+    resolution: int = 512  # token budget of the aspect buckets: resolution^2 pixels
     shapes_length: int = 100_000  # size of the procedural set (it is deterministic per index)
+    buckets: str = "aspect"  # aspect (0.5 to 2, RECIPE section 7) | square
+    crop: str = "center"  # center | random
+    decoder: str = "auto"  # auto (DALI on a GPU when installed, else cpu) | cpu | dali | dali-cpu
+    workers: int = 4  # DataLoader processes per rank for reading (and, with cpu, decoding)
+    caption_key: str = "caption"  # the field read from .json captions
+    max_bad_fraction: float = 0.05  # stop when more of a shard's samples fail (names the shard)
 
 
 @dataclass
@@ -312,7 +321,13 @@ def validate(cfg: Config) -> Config:
         (m.time_embed_dim % 2 == 0, f"model.time_embed_dim={m.time_embed_dim} must be even"),
         (m.attention in ("auto", "flash", "sdpa", "math"),
          f"model.attention={m.attention!r}: use auto, flash, sdpa or math"),
-        (d.source == "shapes", f"data.source={d.source!r}: only 'shapes' is available"),
+        (d.source in ("shapes", "webdataset") and (d.source == "shapes" or d.path),
+         f"data.source={d.source!r}: use shapes, or webdataset with --data PATH"),
+        (d.buckets in ("aspect", "square") and d.crop in ("center", "random")
+         and d.decoder in ("auto", "cpu", "dali", "dali-cpu") and d.workers >= 0
+         and 0.0 <= d.max_bad_fraction <= 1.0,
+         "data: buckets is aspect|square, crop center|random, decoder auto|cpu|dali|dali-cpu, "
+         "workers >= 0, max_bad_fraction in [0, 1]"),
         (cfg.optim.name in ("muon", "adamw"), f"optim.name={cfg.optim.name!r}: use muon or adamw"),
         (cfg.optim.ns_coefficients in ("jordan", "polar_express"),
          f"optim.ns_coefficients={cfg.optim.ns_coefficients!r}: use jordan or polar_express"),
@@ -374,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="train.seed")
     p.add_argument("--run-dir", help="train.run_dir")
     p.add_argument("--device", help="train.device: auto, cpu or cuda")
+    p.add_argument("--data", metavar="SHARDS",
+                   help="train on webdataset shards (sets data.source=webdataset, data.path=SHARDS)")
     p.add_argument("--resume", default=None, metavar="PATH|auto",
                    help="checkpoint file to resume from, or 'auto' for the run dir's latest")
     return p
@@ -392,6 +409,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         value = getattr(args, flag)
         if value is not None:
             cfg = apply_override(cfg, f"{path}={value}")
+    if args.data:
+        cfg = apply_override(apply_override(cfg, "data.source=webdataset"), f"data.path={args.data}")
     for assignment in args.overrides:
         cfg = apply_override(cfg, assignment)
     return validate(cfg), args

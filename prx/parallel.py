@@ -58,8 +58,14 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int) -> N
             model.blocks[i] = checkpoint_wrapper(block)
 
 
+# Aspect buckets give each batch its own token count (19 shapes at 1024 px), and each shape is
+# its own static graph; the default limit of 8 recompiles would fall back to eager after 8.
+RECOMPILE_LIMIT = 64
+
+
 def apply_compile(model: nn.Module) -> None:
     """Compile each block in place (names unchanged); the blocks share code, so one graph."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for block in model.blocks:
         block.compile(fullgraph=True)
 

@@ -1,1 +1,1 @@
-"""Data sources: the procedural shapes set (tiny preset); webdataset shards arrive later."""
+"""Data sources: the procedural shapes set (tiny preset) and webdataset shards (webdata, prepare)."""
