@@ -13,6 +13,7 @@ linear warmup. RECIPE.md says what each number is and where it comes from.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -21,29 +22,58 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
-from kernels import patchify_and_noise
+from kernels import patchify_and_noise, unpatchify
 from prx import checkpoint as ckpt
 from prx.config import Config, ConfigError, describe, from_dict, parse_args, save_json
 from prx.data.shapes import ShapesDataset, eval_scenes, make_scene
 from prx.data.shards import ShardError
 from prx.data.stream import IndexStream
 from prx.data.webdata import ShardBatches
+from prx.dino_loss import dino_perceptual_loss
+from prx.ema import EMA
 from prx.distributed import DistInfo, all_reduce_mean, gather_to_main, init_distributed, shutdown
 from prx.evaluate import generate, save_grid
 from prx.flow import T_BIN_NAMES, flow_loss, loss_sums_by_t_bin, sample_timesteps
 from prx.guard import BadStepGuard, TooManyBadSteps
+from prx.hub import PretrainedMissing
+from prx.lpips import LPIPSLoss
 from prx.model import PRX, count_parameters
 from prx.optim import build_optimizer
 from prx.parallel import BatchPlan, parallelize, set_gradient_sync
+from prx.repa import RepaProjector, repa_loss, teacher_targets
 from prx.rng import mix_seed, step_generator
-from prx.runlog import RunLog
+from prx.runlog import LOSS_TERMS, RunLog
 from prx.shapes_score import chance_score, score_images
-from prx.text import CaptionTable, TextEncoderMissing, TextTower, pad_text
+from prx.teachers import load_dino
+from prx.text import CaptionTable, TextTower, pad_text
+from prx.tread import plan_route, route_seeds
 
 
 def lr_at(step: int, cfg: Config) -> float:
     """Linear warmup over `warmup_steps`, then constant (RECIPE section 6)."""
     return cfg.optim.lr * min(1.0, (step + 1) / max(cfg.optim.warmup_steps, 1))
+
+
+def recipe_summary(cfg: Config) -> str:
+    """Which recipe pieces run (RECIPE sections 3 to 6), for the start-of-run log."""
+    on, off = [], []
+    first, last = cfg.tread.blocks(cfg.model.depth)
+    pieces = [
+        (cfg.tread.enabled, f"TREAD {cfg.tread.probability:.0%} of tokens around blocks {first}-{last}", "TREAD"),
+        (cfg.repa.enabled, f"REPA on block {cfg.repa.block} ({cfg.repa.teacher})", "REPA"),
+        (cfg.perceptual.lpips_weight > 0, f"LPIPS x{cfg.perceptual.lpips_weight}", "LPIPS"),
+        (cfg.perceptual.dino_weight > 0, f"DINO x{cfg.perceptual.dino_weight} ({cfg.perceptual.dino_teacher})",
+         "DINO"),
+        (cfg.ema.enabled, f"EMA {cfg.ema.decay} every {cfg.ema.every} steps", "EMA"),
+    ]
+    for enabled, description, name in pieces:
+        (on if enabled else off).append(description if enabled else name)
+    line = "recipe: " + ("; ".join(on) if on else "diffusion loss only")
+    if off:
+        line += f" (off: {', '.join(off)})"
+    if not (cfg.repa.enabled or cfg.perceptual.lpips_weight or cfg.perceptual.dino_weight):
+        line += "; no pretrained teachers: none ship offline, set their paths to turn them on"
+    return line
 
 
 def embed_captions(tower: TextTower, captions: list[str], dropped: list[bool],
@@ -112,16 +142,33 @@ def main(argv: list[str] | None = None) -> int:
 
     # ------------------------------------------------------------------ model and text tower
     torch.manual_seed(cfg.train.seed)  # the initial weights, identical on every rank
-    model = PRX(cfg.model).to(device)  # fp32 weights; bf16 compute
+    projector = (RepaProjector(cfg.model.hidden_dim, cfg.repa.projector_dim, cfg.repa.teacher_dim)
+                 if cfg.repa.enabled else None)  # REPA's, trained with (and inside) the denoiser
+    model = PRX(cfg.model, projector).to(device)  # fp32 weights; bf16 compute
     log.print(f"PRX denoiser: {count_parameters(model):,} parameters")
     tower = TextTower(cfg.text, device)
     if tower.hidden_size != cfg.model.text_dim:
         raise ConfigError(f"text encoder {cfg.text.encoder} is {tower.hidden_size} wide but "
                           f"model.text_dim={cfg.model.text_dim}; set --set model.text_dim={tower.hidden_size}")
 
+    # ------------------------------------------------------------------ frozen teachers (RECIPE 4, 5)
+    # Loaded before the first step, so a missing weight file stops the run here.
+    repa_teacher = load_dino(cfg.repa.teacher, device) if cfg.repa.enabled else None
+    if repa_teacher is not None and repa_teacher.hidden_size != cfg.repa.teacher_dim:
+        raise ConfigError(f"REPA teacher {cfg.repa.teacher} is {repa_teacher.hidden_size} wide; "
+                          f"set --set repa.teacher_dim={repa_teacher.hidden_size}")
+    dino_teacher = (load_dino(cfg.perceptual.dino_teacher, device, what="DINO perceptual teacher",
+                              option="perceptual.dino_teacher") if cfg.perceptual.dino_weight else None)
+    lpips = (LPIPSLoss.from_config(cfg.perceptual, device, compute_dtype)
+             if cfg.perceptual.lpips_weight else None)  # VGG16 + the lpips package's heads
+    log.print(recipe_summary(cfg))
+    active_terms = {"diffusion"} | {name for name, on in (("repa", repa_teacher), ("lpips", lpips),
+                                                         ("dino", dino_teacher)) if on}
+
     # ------------------------------------------------------------------ parallelize, optimizer
     train_model = parallelize(model, cfg.parallel, device, dist.world_size, compute_dtype)
     optimizer = build_optimizer(model, cfg)
+    ema = EMA(model, cfg.ema.decay, cfg.ema.every) if cfg.ema.enabled else None  # shards like the model
     guard = BadStepGuard(cfg.train.max_bad_steps)
     checkpoints = ckpt.CheckpointWriter(run_dir, cfg.train.keep_checkpoints, cfg.train.async_checkpoint)
 
@@ -141,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
 
     start_step = 0
     if resumed:
-        rng = ckpt.load_train_state(resume_path, model, optimizer)  # resharded to this world size
+        rng = ckpt.load_train_state(resume_path, model, optimizer,  # resharded to this world size
+                                    {"ema": ema.state_dict()} if ema else None)
         stream.load_state_dict(resumed["data"])
         if rng is not None:
             ckpt.set_rng_state(rng, device)
@@ -156,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ------------------------------------------------------------------ loop
     sums = torch.zeros(3, device=device)  # loss, grad norm, steps since the last log line
+    term_sums = torch.zeros(len(LOSS_TERMS), device=device)
     bin_sums, bin_counts = torch.zeros(3, device=device), torch.zeros(3, device=device)
     log.restart_clock(start_step)
     for step in range(start_step, cfg.train.steps):
@@ -184,32 +233,60 @@ def main(argv: list[str] | None = None) -> int:
         seeds = torch.tensor([mix_seed(cfg.train.seed, step, slot) for slot in stream.slots], device=device)
         x_t, x = patchify_and_noise(images, t, cfg.model.patch_size, seeds=seeds, noise_scale=cfg.flow.noise_scale)
 
+        # TREAD: per sample, the tokens that run the routed blocks (keyed like the noise).
+        route = plan_route(cfg.tread, cfg.model.depth, x.shape[1],
+                           route_seeds(cfg.train.seed, step, stream.slots, device))
+        # REPA: the frozen teacher's patch tokens of the clean images, on the denoiser's grid.
+        repa_targets = teacher_targets(repa_teacher, images, grid) if repa_teacher else None
+
         # Forward and backward in micro-batches; gradients reduce across ranks on the last one.
         per_sample = torch.empty(plan.local_batch, device=device)
+        terms = torch.zeros(len(LOSS_TERMS), device=device)  # weighted, summed over micro-batches
         for micro in range(plan.accumulation):
             part = slice(micro * plan.micro_batch, (micro + 1) * plan.micro_batch)
+            micro_route = route.part(part) if route else None
             set_gradient_sync(train_model, micro == plan.accumulation - 1)
             with autocast:
-                x_hat = train_model(x_t[part], t[part], text[part], text_mask[part], grid)
-            micro_loss, micro_per_sample = flow_loss(x_hat, x[part], t[part], cfg.flow.t_floor)
-            (micro_loss / plan.accumulation).backward()
+                out = train_model(x_t[part], t[part], text[part], text_mask[part], grid, route=micro_route,
+                                  capture=cfg.repa.block if repa_teacher else None)
+            x_hat, aligned = out if repa_teacher else (out, None)
+            diffusion, micro_per_sample = flow_loss(x_hat, x[part], t[part], cfg.flow.t_floor)
+            loss_terms = {"diffusion": diffusion}
+            if repa_teacher is not None:  # -0.5 mean cos; with TREAD on the kept tokens only
+                loss_terms["repa"] = repa_loss(aligned, repa_targets[part],
+                                               micro_route.keep_idx if micro_route else None, cfg.repa.weight)
+            if lpips is not None or dino_teacher is not None:  # perceptual losses see x-hat as an image
+                x_hat_image, x_image = (unpatchify(patches, cfg.model.patch_size, *images.shape[2:])
+                                        for patches in (x_hat, x[part]))
+                if lpips is not None:  # 0.1 x LPIPS-VGG at half resolution
+                    loss_terms["lpips"], _ = lpips(x_hat_image, x_image, t[part])
+                if dino_teacher is not None:  # 0.01 x (1 - cos) of DINOv2-B tokens at 224 px
+                    loss_terms["dino"] = cfg.perceptual.dino_weight * dino_perceptual_loss(
+                        dino_teacher, x_hat_image, x_image, cfg.perceptual.dino_resolution).mean()
+            total = sum(loss_terms.values())
+            (total / plan.accumulation).backward()
             per_sample[part] = micro_per_sample.detach()
-        loss = per_sample.mean()
+            terms += torch.stack([loss_terms[n].detach().float() if n in loss_terms else torch.zeros((), device=device)
+                                  for n in LOSS_TERMS]) / plan.accumulation
+        loss = terms.sum()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         if guard.step(optimizer, grad_norm, step + 1):  # skips non-finite gradients
             sums += torch.stack([loss, grad_norm.detach(), torch.ones((), device=device)])
+            term_sums += terms
             s, c = loss_sums_by_t_bin(per_sample, t)
             bin_sums += s
             bin_counts += c
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
+        if ema is not None:
+            ema.update(done)  # every cfg.ema.every steps
         log.advance(done)
 
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-            totals = all_reduce_mean(torch.cat([sums, bin_sums, bin_counts])).tolist()
+            totals = all_reduce_mean(torch.cat([sums, bin_sums, bin_counts, term_sums])).tolist()
             sec_per_step, img_per_s = log.throughput(done, cfg.train.batch_size)
             steps_logged = max(totals[2], 1e-12)
             record = {"kind": "train", "step": done, "loss": totals[0] / steps_logged,
@@ -218,12 +295,16 @@ def main(argv: list[str] | None = None) -> int:
                       "sec_per_step": sec_per_step, "img_per_s": img_per_s}
             for k, name in enumerate(T_BIN_NAMES):
                 record[f"loss_{name}"] = totals[3 + k] / totals[6 + k] if totals[6 + k] else None
+            for k, name in enumerate(LOSS_TERMS):
+                if name in active_terms:
+                    record[f"loss_{name}"] = totals[9 + k] / steps_logged
             log.write(record)
-            sums.zero_(), bin_sums.zero_(), bin_counts.zero_()
+            sums.zero_(), bin_sums.zero_(), bin_counts.zero_(), term_sums.zero_()
 
         last = done == cfg.train.steps
         if shapes and ((cfg.train.sample_every and done % cfg.train.sample_every == 0) or (last and cfg.eval.final)):
-            record = shapes_evaluation(model, tower, cfg, dist, done, run_dir, log)
+            with ema.swapped_into(model) if ema else contextlib.nullcontext():  # samples use the EMA
+                record = shapes_evaluation(model, tower, cfg, dist, done, run_dir, log)
             if last and record is not None:
                 (run_dir / "shapes_score.json").write_text(json.dumps(record, indent=2) + "\n")
             log.restart_clock(done)
@@ -231,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or last:
             meta = {"config": cfg.to_dict(), "step": done, "schedule": {"step": done},
                     "data": stream.state_dict()}
-            path = checkpoints.save(done, model, optimizer, meta, ckpt.rng_state(device))  # every rank
+            path = checkpoints.save(done, model, optimizer, meta, ckpt.rng_state(device),  # every rank
+                                    {"ema": ema.state_dict()} if ema else None)
             log.print(f"checkpoint {path}" + (" (writing in the background)" if cfg.train.async_checkpoint else ""))
             log.restart_clock(done)
 
@@ -244,6 +326,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ConfigError, TextEncoderMissing, ckpt.CheckpointError, TooManyBadSteps, ShardError) as err:
+    except (ConfigError, PretrainedMissing, ckpt.CheckpointError, TooManyBadSteps, ShardError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

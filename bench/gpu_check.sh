@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# The one-call GPU check (DESIGN.md): GPU-marked tests, then the step benchmarks, then a short
-# table. Full logs and CSV rows go under $OUT (default bench/out/). Needs only torch, triton,
-# transformers, numpy (what a bare CUDA machine has) plus the repository; no network.
+# The one-call GPU check (DESIGN.md): GPU-marked tests, the kernel benchmarks, the step
+# benchmarks, then a short table. Full logs and CSV rows go under $OUT (default bench/out/).
+# Needs only torch, triton, transformers, numpy (what a bare CUDA machine has) plus the
+# repository; no network. DALI is timed only when installed (its wheel is not carried).
 #
 #   bash bench/gpu_check.sh                 # on a GPU: the real check, a few minutes
 #   bash bench/gpu_check.sh                 # without one: a smoke run of the same steps on CPU
+#   ONLY="muon patchify" bash bench/gpu_check.sh   # a subset of: tests kernels step data
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
+ONLY=${ONLY:-"tests kernels step data"}
 status=0
 
 if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    smoke=""
     steps=10
     # Dense PRX small at 1024 px, batch 16: the reference's 79 img/s (compiled, text mask) and
     # 89 img/s (no mask) on an H200 (RECIPE section 9).
@@ -21,30 +25,68 @@ if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; 
           "--preset prx_small_1024 --batch-size 16 --compile"
           "--preset prx_small_1024 --batch-size 16 --compile --no-mask"
           "--preset prx_small_512 --batch-size 64")
+    data_images=256
 else
     echo "gpu_check: no CUDA device; smoke run on the CPU (numbers are not GPU results)"
+    smoke="--smoke"
     steps=2
     runs=("--preset tiny --batch-size 8" "--preset tiny --batch-size 8 --compile")
+    data_images=16
 fi
 
-echo "== GPU-marked tests"
-$PY -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -3
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+run() {  # run NAME CMD...: log to $OUT/NAME.log, print the tail, remember failures
+    local name=$1
+    shift
+    echo "== $name"
+    "$@" 2>&1 | tee -a "$OUT/$name.log" | tail -12
+    [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "!! $name failed (see $OUT/$name.log)"; status=1; }
+}
 
-echo "== step benchmarks"
-for args in "${runs[@]}"; do
-    # shellcheck disable=SC2086
-    $PY bench/bench_step.py $args --steps $steps --out "$OUT/step.csv" 2>&1 | tee -a "$OUT/bench_step.log" | tail -1
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-done
+if [[ $ONLY == *tests* ]]; then
+    run gpu_tests $PY -m pytest -q -m gpu tests
+fi
+if [[ $ONLY == *kernels* || $ONLY == *muon* ]]; then
+    run bench_muon $PY bench/bench_muon.py $smoke --out-dir "$OUT"
+fi
+if [[ $ONLY == *kernels* || $ONLY == *patchify* ]]; then
+    run bench_patchify $PY bench/bench_patchify.py $smoke --out-dir "$OUT"
+    run bench_routing $PY bench/bench_routing.py $smoke --out-dir "$OUT"
+fi
+if [[ $ONLY == *kernels* || $ONLY == *losses* ]]; then
+    run bench_losses $PY bench/bench_losses.py $smoke --out-dir "$OUT"
+fi
+if [[ $ONLY == *step* ]]; then
+    for args in "${runs[@]}"; do
+        # shellcheck disable=SC2086
+        run bench_step $PY bench/bench_step.py $args --steps $steps --out "$OUT/step.csv"
+    done
+fi
+if [[ $ONLY == *data* ]]; then
+    run bench_data $PY bench/bench_data.py --images $data_images --out "$OUT/data.csv"
+fi
 
 echo "== summary"
-$PY - "$OUT/step.csv" <<'PYEOF'
+$PY - "$OUT" <<'PYEOF'
 import csv, sys
-rows = list(csv.DictReader(open(sys.argv[1])))
-print(f"{'preset':<16}{'batch':>6}{'mask':>6}{'provider':>9}{'ms/step':>10}{'img/s':>8}{'MFU':>7}{'peak GiB':>10}  device")
-for r in rows:
-    print(f"{r['preset']:<16}{r['batch']:>6}{r['mask']:>6}{r['provider']:>9}{r['ms_per_step']:>10}"
-          f"{r['img_per_s']:>8}{r['mfu'] or '-':>7}{r['peak_gib'] or '-':>10}  {r['device']}")
+from pathlib import Path
+out = Path(sys.argv[1])
+step = out / "step.csv"
+if step.exists():
+    print(f"{'preset':<16}{'batch':>6}{'mask':>6}{'provider':>9}{'ms/step':>10}{'img/s':>8}{'MFU':>7}{'peak GiB':>10}")
+    for r in csv.DictReader(step.open()):
+        print(f"{r['preset']:<16}{r['batch']:>6}{r['mask']:>6}{r['provider']:>9}{r['ms_per_step']:>10}"
+              f"{r['img_per_s']:>8}{r.get('mfu') or '-':>7}{r.get('peak_gib') or '-':>10}")
+for name in ("muon", "patchify", "routing", "losses"):
+    path = out / f"{name}.csv"
+    if not path.exists():
+        continue
+    for r in csv.DictReader(path.open()):
+        rate = f"{r['gbps']} GB/s" if r["gbps"] else f"{r['tflops']} TFLOP/s"
+        print(f"{r['op']:<18}{r['shape'][:30]:<31}{r['mode']:<6}{r['provider']:<10}{r['ms']:>10} ms  {rate:<16}"
+              f"{('x' + r['ratio']) if r['ratio'] else ''}")
+data = out / "data.csv"
+if data.exists():
+    for r in csv.DictReader(data.open()):
+        print("data  " + "  ".join(f"{k} {v}" for k, v in r.items() if k not in ("date", "git", "torch")))
 PYEOF
 exit $status

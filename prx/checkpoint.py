@@ -141,7 +141,9 @@ class CheckpointWriter:
         self._pending = None  # (future, temporary dir, final dir) of an asynchronous save
         self._cpu_group = None
 
-    def save(self, step: int, model, optimizer, meta: dict, rng: dict) -> Path:
+    def save(self, step: int, model, optimizer, meta: dict, rng: dict, extra: dict | None = None) -> Path:
+        """Every rank calls this. `extra`: more named state dicts of tensors (e.g. {"ema": ...}),
+        saved sharded beside the model and optimizer."""
         self.close()  # publish the previous asynchronous save first
         final = self.directory / f"step_{step:08d}"
         tmp = self.directory / f".step_{step:08d}.tmp"
@@ -150,7 +152,7 @@ class CheckpointWriter:
             tmp.mkdir(parents=True)
         barrier()
         model_state, optimizer_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optimizer": optimizer_state}
+        state = {"model": model_state, "optimizer": optimizer_state, **(extra or {})}
         torch.save(rng, tmp / f"rng_rank{process_rank()}.pt")
         if _is_main():
             torch.save({"format": CHECKPOINT_FORMAT, **meta}, tmp / "meta.pt")
@@ -234,23 +236,36 @@ def _dcp_load(state: dict, path: Path, no_dist: bool) -> None:
         raise CheckpointError(f"checkpoint {path} could not be loaded: {lines[-1] if lines else exc}") from None
 
 
-def load_train_state(path: str | Path, model, optimizer) -> dict | None:
-    """Every rank calls this: model and optimizer (resharded to this world size); returns this
-    rank's saved RNG state, or None when the checkpoint had fewer ranks."""
+def load_train_state(path: str | Path, model, optimizer, extra: dict | None = None) -> dict | None:
+    """Every rank calls this: model and optimizer (resharded to this world size), and `extra`
+    state dicts of live tensors, filled in place; returns this rank's saved RNG state, or None
+    when the checkpoint had fewer ranks."""
     path = Path(path)
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
+    state = {"model": model_state, "optimizer": optimizer_state, **(extra or {})}
     _dcp_load(state, path, no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     rng_path = path / f"rng_rank{process_rank()}.pt"
     return _torch_load(rng_path) if rng_path.exists() else None
 
 
-def load_model_weights(path: str | Path, model) -> None:
-    """Only the model's weights (sampling, evaluation), in one process."""
-    state = {"model": model.state_dict()}
-    _dcp_load(state, Path(path), no_dist=True)
-    model.load_state_dict(state["model"])
+def load_model_weights(path: str | Path, model, ema: bool = True) -> str:
+    """Only the model's weights (sampling, evaluation), in one process: the EMA weights when the
+    checkpoint has them and `ema` (RECIPE section 6: sampling uses the EMA), else the trained
+    ones. Returns which: "ema" or "model"."""
+    path = Path(path)
+    saved = SafeFileSystemReader(path).read_metadata().state_dict_metadata
+    source = "ema" if ema and any(key.startswith("ema.") for key in saved) else "model"
+    weights = model.state_dict()
+    if source == "ema":  # the EMA holds parameters only; buffers come from the model state
+        names = {name for name, _ in model.named_parameters()}
+        state = {"ema": {k: v for k, v in weights.items() if k in names},
+                 "model": {k: v for k, v in weights.items() if k not in names}}
+    else:
+        state = {"model": weights}
+    _dcp_load(state, path, no_dist=True)
+    model.load_state_dict({**state["model"], **state.get("ema", {})})
+    return source
 
 
 def rng_state(device: torch.device) -> dict:

@@ -110,6 +110,58 @@ class OptimConfig:
 
 
 @dataclass
+class TreadConfig:
+    """TREAD token routing (RECIPE section 3): a random share of image tokens skips a span of blocks."""
+
+    enabled: bool = False
+    probability: float = 0.5  # share of image tokens routed around the span, per sample and step
+    route_start: int = 2  # first block the routed tokens skip (0-based)
+    route_end: int = 12  # last block they skip (inclusive); the reference code's 2 -> 12 of 16
+    span: str = "reference"  # reference (route_start..route_end) | penultimate (the blog: block 1 to depth-2)
+    self_guidance: float = 0.0  # sampling: routed + w * (dense - routed) instead of CFG when > 0
+
+    def blocks(self, depth: int) -> tuple[int, int]:
+        """(first, last) routed blocks, inclusive: the reference's (2, 12), or block 1 to depth - 2."""
+        return (1, depth - 2) if self.span == "penultimate" else (self.route_start, self.route_end)
+
+
+@dataclass
+class RepaConfig:
+    """REPA representation alignment (RECIPE section 4)."""
+
+    enabled: bool = False
+    # DINOv3 ViT-L/16 (or DINOv2 ViT-L/14 with registers): a hub id or a local directory
+    teacher: str = "facebook/dinov3-vitl16-pretrain-lvd1689m"
+    block: int = 7  # align the hidden state after this block (0-based)
+    weight: float = 0.5  # loss = -weight * mean cosine(projector(h), teacher)
+    projector_dim: int = 1024  # projector: hidden -> 1024 -> 1024 -> teacher_dim, SiLU between
+    teacher_dim: int = 1024  # the teacher's token width (ViT-L: 1024); checked when it loads
+
+
+@dataclass
+class PerceptualConfig:
+    """Perceptual losses on the x-prediction (RECIPE section 5); weight 0 turns one off."""
+
+    lpips_weight: float = 0.0  # PRX: 0.1
+    lpips_vgg: str = ""  # torchvision VGG16 weights file ("" = the torch hub cache)
+    lpips_heads: str = ""  # LPIPS v0.1 vgg heads file ("" = from the installed lpips package)
+    lpips_scale: float = 0.5  # bilinear downsample of x-hat and x before VGG
+    lpips_t_max: float = 1.0  # apply to samples with t <= this (1: every noise level)
+    dino_weight: float = 0.0  # PRX: 0.01
+    dino_teacher: str = "facebook/dinov2-with-registers-base"  # DINOv2 ViT-B/14 with registers
+    dino_resolution: int = 224
+
+
+@dataclass
+class EmaConfig:
+    """EMA of the weights (RECIPE section 6); sampling and evaluation use it."""
+
+    enabled: bool = False
+    decay: float = 0.999
+    every: int = 10  # steps between updates
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100_000
     batch_size: int = 256  # global batch, all ranks together
@@ -161,6 +213,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tread: TreadConfig = field(default_factory=TreadConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
+    perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
 
     @property
     def tokens_per_image(self) -> int:
@@ -181,6 +237,11 @@ def prx_small_512() -> Config:
         data=DataConfig(resolution=512),
         train=TrainConfig(steps=100_000, batch_size=256, run_dir="runs/prx_small_512"),
         parallel=ParallelConfig(data_parallel="fsdp", compile=True),
+        # The whole recipe: TREAD 2 -> 12 at 50 %, REPA on block 7, LPIPS 0.1, DINO 0.01, EMA.
+        tread=TreadConfig(enabled=True),
+        repa=RepaConfig(enabled=True),
+        perceptual=PerceptualConfig(lpips_weight=0.1, dino_weight=0.01),
+        ema=EmaConfig(enabled=True),
     )
 
 
@@ -311,6 +372,7 @@ def from_dict(data: dict) -> Config:
 def validate(cfg: Config) -> Config:
     """Stop with one clear message on values the run cannot use."""
     m, d, f, t = cfg.model, cfg.data, cfg.flow, cfg.train
+    first_routed, last_routed = cfg.tread.blocks(m.depth)
     checks = [
         (m.hidden_dim % m.num_heads == 0,
          f"model.num_heads={m.num_heads} does not divide model.hidden_dim={m.hidden_dim}"),
@@ -349,6 +411,15 @@ def validate(cfg: Config) -> Config:
         (0.0 <= f.uniform_fraction <= 1.0, "flow.uniform_fraction must be in [0, 1]"),
         (0.0 < f.t_min < 1.0 and f.timestep_shift > 0, "flow.t_min must be in (0, 1), shift > 0"),
         (f.sample_steps > 0 and cfg.eval.sample_steps > 0, "sample_steps must be positive"),
+        (cfg.tread.span in ("reference", "penultimate"), f"tread.span={cfg.tread.span!r}: use reference or penultimate"),
+        (not cfg.tread.enabled or 0 <= first_routed <= last_routed < m.depth,
+         f"tread: blocks {first_routed}..{last_routed} are not inside the model's "
+         f"{m.depth} blocks; set tread.route_start / tread.route_end (0-based, inclusive)"),
+        (0.0 <= cfg.tread.probability < 1.0, "tread.probability must be in [0, 1)"),
+        (not cfg.repa.enabled or 0 <= cfg.repa.block < m.depth,
+         f"repa.block={cfg.repa.block} is not one of the model's {m.depth} blocks (0-based)"),
+        (cfg.perceptual.lpips_weight >= 0 and cfg.perceptual.dino_weight >= 0, "perceptual weights must be >= 0"),
+        (0.0 <= cfg.ema.decay < 1.0 and cfg.ema.every > 0, "ema.decay must be in [0, 1) and ema.every > 0"),
     ]
     for ok, message in checks:
         if not ok:

@@ -15,6 +15,7 @@ from prx.flow import euler_sample, guided
 from prx.model import PRX
 from prx.rng import per_sample_normal
 from prx.text import TextTower, pad_text
+from prx.tread import plan_route, route_seeds, self_guided
 
 
 @torch.no_grad()
@@ -32,7 +33,8 @@ def generate(
     batch_size: int = 64,
     progress=None,
 ) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] for `captions`, Euler sampler with classifier-free guidance.
+    """Images (B, 3, H, W) in [-1, 1] for `captions`, Euler sampler with classifier-free guidance
+    (or TREAD self-guidance when cfg.tread.self_guidance > 0).
 
     The noise of prompt i depends only on (seed, noise_slots[i]) (default slot: i), so a prompt
     set gives comparable samples at every evaluation, in any batch size and split over ranks.
@@ -47,15 +49,25 @@ def generate(
     slots = list(range(len(captions))) if noise_slots is None else noise_slots
     shape = (grid[0] * grid[1], cfg.model.patch_dim)
     noise = cfg.flow.noise_scale * per_sample_normal(shape, seed, 0, slots, torch.device("cpu"))
-    use_cfg = guidance != 1.0
+    # TREAD self-guidance replaces CFG when set: routed + w (dense - routed), both with the
+    # prompt; each sample's routed pass keeps one selection for all steps (RECIPE section 3).
+    self_guidance = cfg.tread.self_guidance if cfg.tread.enabled else 0.0
+    use_cfg = guidance != 1.0 and not self_guidance
     images = []
     for start in range(0, len(captions), batch_size):
         chunk = captions[start : start + batch_size]
         uncond_seqs = [tower.empty()] * len(chunk) if use_cfg else []
         text, mask = pad_text(tower.encode(chunk) + uncond_seqs, tower.cfg.pad_to_multiple)
+        if self_guidance:
+            seeds = route_seeds(seed, 0, slots[start : start + len(chunk)], device)
+            route = plan_route(cfg.tread, cfg.model.depth, grid[0] * grid[1], seeds)
 
         def denoise(x, sigma):
             with autocast:
+                if self_guidance:
+                    dense = model(x, sigma, text, mask, grid).float()
+                    routed = model(x, sigma, text, mask, grid, route=route).float()
+                    return self_guided(routed, dense, self_guidance)
                 if not use_cfg:
                     return model(x, sigma, text, mask, grid).float()
                 both = model(torch.cat([x, x]), torch.cat([sigma, sigma]), text, mask, grid).float()

@@ -27,6 +27,7 @@ from prx.attention import (
     rope_angles,
 )
 from prx.config import ModelConfig
+from prx.tread import TokenRoute
 
 NORM_EPS = 1e-6
 
@@ -157,7 +158,7 @@ class FinalLayer(nn.Module):
 class PRX(nn.Module):
     """x-prediction denoiser: (noisy patches, t, text) -> predicted clean patches."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, repa_projector: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
         h = cfg.hidden_dim
@@ -166,6 +167,10 @@ class PRX(nn.Module):
         self.txt_in = nn.Linear(cfg.text_dim, h)
         self.blocks = nn.ModuleList(PRXBlock(cfg) for _ in range(cfg.depth))
         self.final = FinalLayer(h, cfg.patch_dim)
+        # REPA (RECIPE section 4): trained with the denoiser, so it lives here and shares its data
+        # parallelism, optimizer and checkpoints; it maps the `capture`d hidden state. Sampling
+        # never uses it.
+        self.repa_projector = repa_projector
         self.reset_zero_init()
 
     def reset_zero_init(self) -> None:
@@ -188,20 +193,44 @@ class PRX(nn.Module):
         text: torch.Tensor,
         text_mask: torch.Tensor | None,
         grid: tuple[int, int],
-    ) -> torch.Tensor:
+        route: TokenRoute | None = None,
+        capture: int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x_t (B, N, 3*p*p) noisy patches, t (B,), text (B, T, text_dim), text_mask (B, T) bool
         (True = real token; None = all real), grid = (rows, columns) of patches with N = rows*cols.
-        Returns x-hat in the same patch layout."""
+        Returns x-hat in the same patch layout.
+
+        `route` (TREAD): only the route's kept tokens run blocks route.start..route.end, with
+        their own positions; the others skip them unchanged. `capture`: also return the hidden
+        state after that block, through the REPA projector when the model has one: (B, K, ...)
+        if the block is inside the route's span, else (B, N, ...).
+        """
         if x_t.shape[1] != grid[0] * grid[1]:
             raise ValueError(f"{x_t.shape[1]} tokens do not fill a {grid[0]}x{grid[1]} patch grid")
         img = self.img_in(x_t)
         cond = F.silu(self.time_in(t))  # every modulation reads SiLU(vec); compute it once
         txt = self.txt_in(text)
-        rope_cos, rope_sin = self.rope_tables(*grid, x_t.device, at_least_fp32(x_t.dtype))
-        pad = KeyPadding.build(text_mask, img.shape[1], resolve_backend(self.cfg.attention, x_t.device))
-        for block in self.blocks:
-            img = block(img, txt, cond, rope_cos, rope_sin, pad)
-        return self.final(img, cond)
+        backend = resolve_backend(self.cfg.attention, x_t.device)
+        rope = self.rope_tables(*grid, x_t.device, at_least_fp32(x_t.dtype))
+        pad = KeyPadding.build(text_mask, img.shape[1], backend)
+        dense = (img, rope, pad)
+        hidden = None
+        for i, block in enumerate(self.blocks):
+            if route is not None and i == route.start:  # the routed tokens wait here
+                full = img
+                img = route.gather(img)
+                rope = tuple(route.gather_table(table) for table in rope)
+                pad = KeyPadding.build(text_mask, img.shape[1], backend)
+            img = block(img, txt, cond, *rope, pad)
+            if i == capture:
+                hidden = img
+            if route is not None and i == route.end:  # and rejoin, unchanged
+                img = route.scatter(img, full)
+                _, rope, pad = dense
+        out = self.final(img, cond)
+        if capture is None:
+            return out
+        return out, hidden if self.repa_projector is None else self.repa_projector(hidden)
 
 
 def count_parameters(model: nn.Module) -> int:

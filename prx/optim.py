@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor
 
 import kernels.newton_schulz as ns_kernels
 from kernels.ref import newton_schulz as newton_schulz_reference
+from prx.parallel import canonical_name
 
 # Jordan's quintic (Muon, 2024): one (a, b, c) for every step; it stops short of convergence
 # on purpose (singular values end in about [0.7, 1.2]) for speed in 5 steps.
@@ -267,8 +268,8 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
         return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                  weight_decay=o.weight_decay, foreach=True)
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    muon = [p for name, p in named if is_muon_parameter(_plain_name(name), p)]
-    adam = [p for name, p in named if not is_muon_parameter(_plain_name(name), p)]
+    muon = [p for name, p in named if is_muon_parameter(canonical_name(name), p)]
+    adam = [p for name, p in named if not is_muon_parameter(canonical_name(name), p)]
     groups = [
         dict(params=muon, kind="muon", momentum=o.muon_momentum, nesterov=o.muon_nesterov,
              update_scale=o.muon_update_scale, weight_decay=o.weight_decay),
@@ -276,10 +277,3 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     ]
     schedule = NewtonSchulzSchedule.named(o.ns_coefficients, o.ns_steps)
     return MuonAdam([g for g in groups if g["params"]], o.lr, schedule, backend=o.muon_backend)
-
-
-def _plain_name(name: str) -> str:
-    """Parameter name without wrapper prefixes (activation checkpointing, torch.compile)."""
-    for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod."):
-        name = name.replace(wrapper, "")
-    return name

@@ -49,6 +49,17 @@ class BatchPlan:
                 f"{self.micro_batch} x {self.accumulation} accumulation step(s)")
 
 
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name without the wrappers' prefixes (activation checkpointing,
+    torch.compile), as checkpoints store it, so names agree with and without them."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
 def apply_activation_checkpointing(model: nn.Module, mode: str, every: int) -> None:
     """Recompute block activations in backward: all blocks, or every `every`-th one."""
     if mode == "none":

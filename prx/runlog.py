@@ -17,6 +17,9 @@ from tqdm import tqdm
 
 from prx.flow import T_BIN_NAMES
 
+# The terms of the training loss (RECIPE sections 2, 4, 5), logged as their weighted values.
+LOSS_TERMS = ("diffusion", "repa", "lpips", "dino")
+
 
 class RunLog:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool):
@@ -81,8 +84,11 @@ def format_train_line(r: dict, total_steps: int) -> str:
         for label, name in zip(("t<.3", ".3-.6", ">.6"), (f"loss_{n}" for n in T_BIN_NAMES))
     )
     skipped = f" | skipped {r['skipped']} (NaN/inf)" if r.get("skipped") else ""
+    # the weighted terms of the recipe's loss, when there is more than the diffusion term
+    terms = [(name, r[f"loss_{name}"]) for name in LOSS_TERMS if r.get(f"loss_{name}") is not None]
+    parts = f" ({' '.join(f'{name} {value:.4f}' for name, value in terms)})" if len(terms) > 1 else ""
     return (
-        f"step {r['step']:>7}/{total_steps} | loss {r['loss']:.4f} | {bins} | "
+        f"step {r['step']:>7}/{total_steps} | loss {r['loss']:.4f}{parts} | {bins} | "
         f"gnorm {r['grad_norm']:.2f} | lr {r['lr']:.1e} | {r['img_per_s']:.0f} img/s | "
         f"{r['sec_per_step']:.3f} s/step{skipped}"
     )

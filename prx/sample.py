@@ -20,7 +20,8 @@ from prx.config import from_dict
 from prx.distributed import pick_device
 from prx.evaluate import generate, save_grid, save_images
 from prx.model import PRX
-from prx.text import TextEncoderMissing, TextTower
+from prx.hub import PretrainedMissing
+from prx.text import TextTower
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, help="image side in px, a multiple of the patch size")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", default="samples", help="output directory")
+    p.add_argument("--no-ema", action="store_true", help="the trained weights, not their EMA (when saved)")
     return p
 
 
@@ -46,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: --size {size} is not a multiple of the patch size {cfg.model.patch_size}")
     device = pick_device(args.device)
     model = PRX(cfg.model)
-    load_model_weights(args.checkpoint, model)
+    weights = load_model_weights(args.checkpoint, model, ema=not args.no_ema)
+    print(f"{args.checkpoint}: step {meta['step']}, {'EMA' if weights == 'ema' else 'trained'} weights")
     model.to(device).eval()
     tower = TextTower(cfg.text, device)
     captions = [p for p in args.prompt for _ in range(args.count)]
@@ -64,6 +67,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (CheckpointError, TextEncoderMissing) as err:
+    except (CheckpointError, PretrainedMissing) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

