@@ -6,7 +6,8 @@
 #
 #   bash bench/gpu_check.sh                 # on a GPU: the real check, a few minutes
 #   bash bench/gpu_check.sh                 # without one: a smoke run of the same steps on CPU
-#   ONLY="muon patchify" bash bench/gpu_check.sh   # a subset of: tests kernels step data
+#   ONLY="muon patchify" bash bench/gpu_check.sh   # a subset of: tests kernels (muon patchify
+#                                                   # losses) step recipe data
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
@@ -61,6 +62,9 @@ if [[ $ONLY == *step* ]]; then
         run bench_step $PY bench/bench_step.py $args --steps $steps --out "$OUT/step.csv"
     done
 fi
+if [[ $ONLY == *step* || $ONLY == *recipe* ]]; then
+    run bench_recipe $PY bench/bench_recipe.py $smoke --out-dir "$OUT"
+fi
 if [[ $ONLY == *data* ]]; then
     run bench_data $PY bench/bench_data.py --images $data_images --out "$OUT/data.csv"
 fi
@@ -76,17 +80,21 @@ if step.exists():
     for r in csv.DictReader(step.open()):
         print(f"{r['preset']:<16}{r['batch']:>6}{r['mask']:>6}{r['provider']:>9}{r['ms_per_step']:>10}"
               f"{r['img_per_s']:>8}{r.get('mfu') or '-':>7}{r.get('peak_gib') or '-':>10}")
-for name in ("muon", "patchify", "routing", "losses"):
+def num(text, fmt):
+    return format(float(text), fmt) if text else ""
+for name in ("muon", "patchify", "routing", "losses", "recipe"):
     path = out / f"{name}.csv"
     if not path.exists():
         continue
     for r in csv.DictReader(path.open()):
-        rate = f"{r['gbps']} GB/s" if r["gbps"] else f"{r['tflops']} TFLOP/s"
-        print(f"{r['op']:<18}{r['shape'][:30]:<31}{r['mode']:<6}{r['provider']:<10}{r['ms']:>10} ms  {rate:<16}"
-              f"{('x' + r['ratio']) if r['ratio'] else ''}")
+        rate = (f"{num(r['gbps'], '.1f')} GB/s" if r["gbps"] else
+                f"{num(r['tflops'], '.1f')} TFLOP/s" if r["tflops"] else r["note"][:32])
+        ratio = f"x{num(r['ratio'], '.2f')}" if r["ratio"] else ""
+        print(f"{r['op']:<18}{r['shape'][:30]:<31}{r['mode']:<6}{r['provider'][:24]:<25}{num(r['ms'], '.3f'):>10} ms  "
+              f"{rate:<34}{ratio}")
 data = out / "data.csv"
 if data.exists():
     for r in csv.DictReader(data.open()):
-        print("data  " + "  ".join(f"{k} {v}" for k, v in r.items() if k not in ("date", "git", "torch")))
+        print(f"data  {r['shape']:<8}{r['provider']:<18}{r['note']}")
 PYEOF
 exit $status

@@ -43,3 +43,8 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # torch 2.13 + gloo: a rank sometimes aborts during interpreter teardown after a clean
+    # destroy_process_group ("terminate called without an active exception"); the results are
+    # saved by now, so leave without the teardown.
+    sys.stdout.flush()
+    os._exit(0)
