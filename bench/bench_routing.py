@@ -26,8 +26,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_patchify import measure  # noqa: E402
-from bench.common import append_rows, copy_bandwidth_gbps, environment, format_row  # noqa: E402
+from bench.common import append_rows, copy_bandwidth_gbps, environment, format_row, measure  # noqa: E402
 from kernels import ref  # noqa: E402
 from kernels import routing as kr  # noqa: E402
 

@@ -79,6 +79,26 @@ def matmul_tflops(device: torch.device, n: int = 8192) -> float:
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
+def measure(op, shape, dtype, mode, nbytes, providers, device, env, peak_gbps=None):
+    """One row per provider (and a `copy` row of the same bytes); ratio = compile ms / ms;
+    the note of a triton row gives its share of the copy bandwidth (1 GiB and same bytes)."""
+    rows = []
+    for provider, fn in providers.items():
+        ms = time_ms(fn, device)
+        rows.append({**env, "op": op, "shape": shape, "dtype": dtype, "mode": mode, "provider": provider,
+                     "ms": ms, "gbps": nbytes / (ms * 1e-3) / 1e9})
+    baseline = next((r["ms"] for r in rows if r["provider"] == "compile"), None)
+    copy_gbps = copy_bandwidth_gbps(device, nbytes)
+    for row in rows:
+        if row["provider"] == "triton":
+            row["ratio"] = baseline / row["ms"] if baseline else ""
+            share = f"{row['gbps'] / peak_gbps:.0%} of 1 GiB copy, " if peak_gbps else ""
+            row["note"] = f"{share}{row['gbps'] / copy_gbps:.0%} of same-bytes copy"
+    rows.append({**env, "op": op, "shape": shape, "dtype": dtype, "mode": mode, "provider": "copy",
+                 "ms": nbytes / copy_gbps / 1e6, "gbps": copy_gbps, "note": "device copy of the same bytes"})
+    return rows
+
+
 def append_rows(name: str, rows: list[dict], out_dir: Path | None = None) -> Path:
     """Append rows to `<out_dir>/<name>.csv` (default bench/results/), writing the header once."""
     path = Path(out_dir or RESULTS) / f"{name}.csv"
