@@ -85,20 +85,33 @@ def embed_captions(tower: TextTower, captions: list[str], dropped: list[bool],
     return [empty if drop else next(encoded) for drop in dropped]
 
 
+def sample_prompts(model, tower, cfg: Config, dist: DistInfo, prompts: list[str]) -> torch.Tensor | None:
+    """Images for `prompts` on rank 0 (None elsewhere). Every rank samples its share (a sharded
+    model needs all ranks in each forward); prompt i's noise is keyed by i, so any split agrees."""
+    mine = list(range(dist.rank, len(prompts), dist.world_size))
+    images = generate(model, tower, [prompts[i] for i in mine], cfg, steps=cfg.eval.sample_steps,
+                      guidance=cfg.eval.guidance, seed=cfg.eval.seed, noise_slots=mine)
+    return gather_to_main(images, mine, len(prompts))
+
+
+def sample_grid(model, tower, cfg: Config, dist: DistInfo, step: int, run_dir: Path, log: RunLog,
+                prompts: list[str]) -> None:
+    """Real data: a captioned grid of the fixed prompts (there is no score without labels)."""
+    start = time.perf_counter()
+    images = sample_prompts(model, tower, cfg, dist, prompts)
+    if dist.is_main:
+        grid = save_grid(images, prompts, run_dir / "samples" / f"step_{step:08d}.png")
+        log.print(f"samples step {step}: {grid} ({time.perf_counter() - start:.0f} s)")
+
+
 def shapes_evaluation(model, tower, cfg: Config, dist: DistInfo, step: int, run_dir: Path,
                       log: RunLog) -> dict | None:
     """Sample the fixed evaluation prompts, save a captioned grid, score prompt following.
-
-    Every rank samples its share of the prompts (a sharded model needs all ranks in each
-    forward); rank 0 gathers, scores and writes. Returns the record on rank 0, else None.
-    """
+    Returns the record on rank 0, else None."""
     scenes = eval_scenes(cfg.train.seed, cfg.eval.num_prompts)
     captions = [s.caption for s in scenes]
     start = time.perf_counter()
-    mine = list(range(dist.rank, len(captions), dist.world_size))
-    images = generate(model, tower, [captions[i] for i in mine], cfg, steps=cfg.eval.sample_steps,
-                      guidance=cfg.eval.guidance, seed=cfg.eval.seed, noise_slots=mine)
-    images = gather_to_main(images, mine, len(captions))
+    images = sample_prompts(model, tower, cfg, dist, captions)
     if not dist.is_main:
         return None
     score = score_images(images, scenes)
@@ -185,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         stream = ShardBatches(cfg.data, cfg.model.patch_size, device, cfg.train.seed, cfg.train.batch_size,
                               dist.rank, dist.world_size, log.print, log.wrap_progress("indexing shards"))
         empty_caption = tower.empty()
+        prompts = (Path(cfg.eval.prompts).read_text().split("\n") if cfg.eval.prompts
+                   else stream.prompts(cfg.eval.grid_prompts, cfg.data.caption_key))
+        prompts = [p.strip() for p in prompts if p.strip()][: cfg.eval.grid_prompts]
 
     start_step = 0
     if resumed:
@@ -302,11 +318,14 @@ def main(argv: list[str] | None = None) -> int:
             sums.zero_(), bin_sums.zero_(), bin_counts.zero_(), term_sums.zero_()
 
         last = done == cfg.train.steps
-        if shapes and ((cfg.train.sample_every and done % cfg.train.sample_every == 0) or (last and cfg.eval.final)):
+        if (cfg.train.sample_every and done % cfg.train.sample_every == 0) or (last and cfg.eval.final):
             with ema.swapped_into(model) if ema else contextlib.nullcontext():  # samples use the EMA
-                record = shapes_evaluation(model, tower, cfg, dist, done, run_dir, log)
-            if last and record is not None:
-                (run_dir / "shapes_score.json").write_text(json.dumps(record, indent=2) + "\n")
+                if shapes:
+                    record = shapes_evaluation(model, tower, cfg, dist, done, run_dir, log)
+                    if last and record is not None:
+                        (run_dir / "shapes_score.json").write_text(json.dumps(record, indent=2) + "\n")
+                elif prompts:
+                    sample_grid(model, tower, cfg, dist, done, run_dir, log, prompts)
             log.restart_clock(done)
 
         if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or last:

@@ -200,6 +200,7 @@ class EvalConfig:
     guidance: float = 3.5
     seed: int = 1234
     final: bool = True  # evaluate after the last step as well
+    prompts: str = ""  # real data: a text file of prompts, one a line (default: the first captions)
 
 
 @dataclass

@@ -147,6 +147,17 @@ class ShardBatches:
             f"({self.shards.bad_summary()} while indexing); decoder {self.decoder}; "
             + describe_buckets(self.sizes, self.order, patch_size))
 
+    def prompts(self, count: int, caption_key: str = "caption") -> list[str]:
+        """Fixed evaluation prompts: the captions of the first `count` samples with one."""
+        found = []
+        for i in range(len(self.shards)):
+            caption = self.shards.read(i, caption_key)[1]
+            if caption:
+                found.append(caption)
+            if len(found) == count:
+                break
+        return found
+
     # The IndexStream interface the loop uses.
     @property
     def slots(self) -> list[int]:
