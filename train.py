@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 
 from kernels import patchify_and_noise, unpatchify
 from prx import checkpoint as ckpt
+from prx import liger
 from prx.config import Config, ConfigError, describe, from_dict, parse_args, save_json
 from prx.data.shapes import ShapesDataset, eval_scenes, make_scene
 from prx.data.shards import ShardError
@@ -154,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=compute_dtype == torch.bfloat16)
 
     # ------------------------------------------------------------------ model and text tower
+    if cfg.model.fused_ops == "liger":
+        liger.check_available(device)
     torch.manual_seed(cfg.train.seed)  # the initial weights, identical on every rank
     projector = (RepaProjector(cfg.model.hidden_dim, cfg.repa.projector_dim, cfg.repa.teacher_dim)
                  if cfg.repa.enabled else None)  # REPA's, trained with (and inside) the denoiser

@@ -7,7 +7,9 @@
 #   bash bench/gpu_check.sh                 # on a GPU: the real check, a few minutes
 #   bash bench/gpu_check.sh                 # without one: a smoke run of the same steps on CPU
 #   ONLY="muon patchify" bash bench/gpu_check.sh   # a subset of: tests kernels (muon patchify
-#                                                   # losses) step recipe data
+#                                                   # losses liger) step recipe data
+# All of it is estimated (not yet measured) at 12-15 minutes on one H100: over the device tool's
+# 10 minutes a call, so split it: ONLY="tests kernels", then ONLY="step recipe data".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
@@ -16,6 +18,13 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 ONLY=${ONLY:-"tests kernels step data"}
 status=0
+
+# Wheels carried to a bare GPU machine in .whl/ (the device tool's `carry`), e.g. Liger-Kernel:
+#   pip download liger-kernel==0.8.5 --no-deps -d .whl
+if compgen -G ".whl/*.whl" > /dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
 
 if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     smoke=""
@@ -56,6 +65,9 @@ fi
 if [[ $ONLY == *kernels* || $ONLY == *losses* ]]; then
     run bench_losses $PY bench/bench_losses.py $smoke --out-dir "$OUT"
 fi
+if [[ $ONLY == *kernels* || $ONLY == *liger* ]]; then
+    run bench_liger $PY bench/bench_liger.py $smoke --out-dir "$OUT"
+fi
 if [[ $ONLY == *step* ]]; then
     for args in "${runs[@]}"; do
         # shellcheck disable=SC2086
@@ -82,7 +94,7 @@ if step.exists():
               f"{r['img_per_s']:>8}{r.get('mfu') or '-':>7}{r.get('peak_gib') or '-':>10}")
 def num(text, fmt):
     return format(float(text), fmt) if text else ""
-for name in ("muon", "patchify", "routing", "losses", "recipe"):
+for name in ("muon", "patchify", "routing", "losses", "liger", "recipe"):
     path = out / f"{name}.csv"
     if not path.exists():
         continue

@@ -36,6 +36,7 @@ class ModelConfig:
     time_embed_dim: int = 256
     rope_theta: float = 10000.0
     attention: str = "auto"  # auto | flash | sdpa | math
+    fused_ops: str = "torch"  # torch | liger (Liger-Kernel's GeGLU, RMSNorm, LayerNorm; CUDA only)
 
     @property
     def head_dim(self) -> int:
@@ -384,6 +385,7 @@ def validate(cfg: Config) -> Config:
         (m.time_embed_dim % 2 == 0, f"model.time_embed_dim={m.time_embed_dim} must be even"),
         (m.attention in ("auto", "flash", "sdpa", "math"),
          f"model.attention={m.attention!r}: use auto, flash, sdpa or math"),
+        (m.fused_ops in ("torch", "liger"), f"model.fused_ops={m.fused_ops!r}: use torch or liger"),
         (d.source in ("shapes", "webdataset") and (d.source == "shapes" or d.path),
          f"data.source={d.source!r}: use shapes, or webdataset with --data PATH"),
         (d.buckets in ("aspect", "square") and d.crop in ("center", "random")

@@ -26,6 +26,7 @@ from prx.attention import (
     resolve_backend,
     rope_angles,
 )
+from prx import liger
 from prx.config import ModelConfig
 from prx.tread import TokenRoute
 
@@ -45,19 +46,24 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
-def layer_norm(x: torch.Tensor) -> torch.Tensor:
+def layer_norm(x: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """LayerNorm without affine parameters (the modulation supplies shift and scale)."""
+    if fused:
+        return liger.layer_norm(x, NORM_EPS)
     return F.layer_norm(x, (x.shape[-1],), eps=NORM_EPS)
 
 
 class RMSNorm(nn.Module):
     """RMSNorm over the last dim, computed in fp32, with a learnable scale (init 1)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, fused: bool = False):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim))
+        self.fused = fused  # Liger-Kernel's RMSNorm (model.fused_ops=liger)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return liger.rms_norm(x, self.scale, NORM_EPS)
         wide = at_least_fp32(x.dtype)
         normed = F.rms_norm(x.to(wide), (x.shape[-1],), eps=NORM_EPS)
         return (normed * self.scale.to(wide)).to(x.dtype)
@@ -90,15 +96,15 @@ class TimestepEmbedding(nn.Module):
 class Attention(nn.Module):
     """Image queries over [text keys; image keys]; RoPE on image q and k; QK RMS norm."""
 
-    def __init__(self, hidden_dim: int, num_heads: int):
+    def __init__(self, hidden_dim: int, num_heads: int, fused: bool = False):
         super().__init__()
         self.num_heads = num_heads
         head_dim = hidden_dim // num_heads
         self.qkv = nn.Linear(hidden_dim, 3 * hidden_dim, bias=False)  # rows: q, k, v; heads major
-        self.q_norm = RMSNorm(head_dim)
-        self.k_norm = RMSNorm(head_dim)
+        self.q_norm = RMSNorm(head_dim, fused)
+        self.k_norm = RMSNorm(head_dim, fused)
         self.text_kv = nn.Linear(hidden_dim, 2 * hidden_dim, bias=False)  # rows: k, v
-        self.text_k_norm = RMSNorm(head_dim)
+        self.text_k_norm = RMSNorm(head_dim, fused)
         self.out = nn.Linear(hidden_dim, hidden_dim, bias=False)
 
     def forward(self, x, text, rope_cos, rope_sin, pad: KeyPadding) -> torch.Tensor:
@@ -115,13 +121,16 @@ class Attention(nn.Module):
 class GatedMLP(nn.Module):
     """down(gelu_tanh(gate(x)) * up(x)), no biases."""
 
-    def __init__(self, hidden_dim: int, mlp_hidden_dim: int):
+    def __init__(self, hidden_dim: int, mlp_hidden_dim: int, fused: bool = False):
         super().__init__()
         self.gate = nn.Linear(hidden_dim, mlp_hidden_dim, bias=False)
         self.up = nn.Linear(hidden_dim, mlp_hidden_dim, bias=False)
         self.down = nn.Linear(mlp_hidden_dim, hidden_dim, bias=False)
+        self.fused = fused  # Liger-Kernel's GeGLU (model.fused_ops=liger)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return self.down(liger.geglu(self.gate(x), self.up(x)))
         return self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
 
 
@@ -131,16 +140,17 @@ class PRXBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         h = cfg.hidden_dim
+        self.fused = cfg.fused_ops == "liger"
         self.modulation = nn.Linear(h, 6 * h)  # shift, scale, gate (attention), then (MLP)
-        self.attn = Attention(h, cfg.num_heads)
-        self.mlp = GatedMLP(h, cfg.mlp_hidden_dim)
+        self.attn = Attention(h, cfg.num_heads, self.fused)
+        self.mlp = GatedMLP(h, cfg.mlp_hidden_dim, self.fused)
 
     def forward(self, img, text, cond, rope_cos, rope_sin, pad: KeyPadding) -> torch.Tensor:
         """img (B, N, h); text (B, T, h); cond = SiLU(timestep embedding) (B, h)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond)[:, None].chunk(6, dim=-1)
-        attn = self.attn(modulate(layer_norm(img), shift1, scale1), text, rope_cos, rope_sin, pad)
+        attn = self.attn(modulate(layer_norm(img, self.fused), shift1, scale1), text, rope_cos, rope_sin, pad)
         img = img + gate1 * attn
-        img = img + gate2 * self.mlp(modulate(layer_norm(img), shift2, scale2))
+        img = img + gate2 * self.mlp(modulate(layer_norm(img, self.fused), shift2, scale2))
         return img
 
 
