@@ -26,9 +26,9 @@ from kernels import patchify_and_noise, unpatchify
 from prx import checkpoint as ckpt
 from prx import liger
 from prx.config import Config, ConfigError, describe, from_dict, parse_args, save_json
-from prx.data.shapes import ShapesDataset, eval_scenes, make_scene
+from prx.data.shapes import ShapesBatches, eval_scenes, make_scene
 from prx.data.shards import ShardError
-from prx.data.stream import IndexStream
+from prx.data.stream import ImageBatch
 from prx.data.webdata import ShardBatches
 from prx.dino_loss import dino_perceptual_loss
 from prx.ema import EMA
@@ -77,11 +77,14 @@ def recipe_summary(cfg: Config) -> str:
     return line
 
 
-def embed_captions(tower: TextTower, captions: list[str], dropped: list[bool],
-                   empty: torch.Tensor) -> list[torch.Tensor]:
-    """Per-caption embeddings of one batch (captions of real data are not known in advance);
-    dropped captions take the empty caption's embedding and are not encoded."""
-    kept = [c for c, drop in zip(captions, dropped) if not drop]
+def caption_embeddings(batch: ImageBatch, dropped: list[bool], tower: TextTower,
+                       table: CaptionTable | None, empty: torch.Tensor) -> list[torch.Tensor]:
+    """Per-caption embeddings of a batch; dropped captions take the empty caption's and are not
+    encoded. The shapes set's captions come from `table` (embedded once, by sample id); real
+    data's are encoded per batch (they are not known in advance)."""
+    if table is not None:
+        return [empty if drop else table[i] for i, drop in zip(batch.ids, dropped)]
+    kept = [c for c, drop in zip(batch.captions, dropped) if not drop]
     encoded = iter(tower.encode(kept) if kept else [])
     return [empty if drop else next(encoded) for drop in dropped]
 
@@ -191,16 +194,16 @@ def main(argv: list[str] | None = None) -> int:
     # ------------------------------------------------------------------ data
     shapes = cfg.data.source == "shapes"
     if shapes:  # the procedural set: captions known in advance, embedded once
-        dataset = ShapesDataset(cfg.train.seed, cfg.data.resolution, cfg.data.shapes_length)
-        captions = [make_scene(cfg.train.seed, i).caption for i in range(len(dataset))]
+        stream = ShapesBatches(cfg.train.seed, cfg.data.resolution, cfg.data.shapes_length, cfg.train.batch_size,
+                               device, dist.rank, dist.world_size)
+        captions = [make_scene(cfg.train.seed, i).caption for i in range(cfg.data.shapes_length)]
         log.print(f"encoding {len(captions):,} captions of the shapes set once")
         caption_table = CaptionTable(tower, captions, progress=log.wrap_progress("captions"))
-        stream = IndexStream(len(dataset), cfg.train.batch_size, cfg.train.seed, dist.rank, dist.world_size)
         empty_caption = tower.empty().cpu()  # the caption table lives on the CPU too
     else:  # webdataset shards: aspect-bucketed batches, captions embedded per batch
         stream = ShardBatches(cfg.data, cfg.model.patch_size, device, cfg.train.seed, cfg.train.batch_size,
                               dist.rank, dist.world_size, log.print, log.wrap_progress("indexing shards"))
-        empty_caption = tower.empty()
+        caption_table, empty_caption = None, tower.empty()
         prompts = (Path(cfg.eval.prompts).read_text().split("\n") if cfg.eval.prompts
                    else stream.prompts(cfg.eval.grid_prompts, cfg.data.caption_key))
         prompts = [p.strip() for p in prompts if p.strip()][: cfg.eval.grid_prompts]
@@ -227,12 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     bin_sums, bin_counts = torch.zeros(3, device=device), torch.zeros(3, device=device)
     log.restart_clock(start_step)
     for step in range(start_step, cfg.train.steps):
-        if shapes:
-            indices = stream.next_batch()
-            images = torch.stack([dataset[i][0] for i in indices]).to(device, non_blocking=True)
-        else:  # one aspect bucket per batch, so the token grid changes from batch to batch
-            batch = stream.next_batch()
-            images = batch.images
+        batch = stream.next_batch()  # uint8 images on the device, this rank's share
+        images = batch.images  # real data: one aspect bucket per batch, so the grid varies
         grid = (images.shape[2] // cfg.model.patch_size, images.shape[3] // cfg.model.patch_size)
         # Per-step randomness, keyed by (seed, step) and global sample slot: replayable on
         # resume, and the same for any number of processes.
@@ -241,10 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         t = sample_timesteps(cfg.train.batch_size, cfg.flow, gen)[stream.slots].to(device)
 
         # Caption dropout: the empty caption's embedding for 10 %, for classifier-free guidance.
-        if shapes:
-            seqs = [empty_caption if drop else caption_table[i] for i, drop in zip(indices, dropped.tolist())]
-        else:
-            seqs = embed_captions(tower, batch.captions, dropped.tolist(), empty_caption)
+        seqs = caption_embeddings(batch, dropped.tolist(), tower, caption_table, empty_caption)
         text, text_mask = (tensor.to(device) for tensor in pad_text(seqs, cfg.text.pad_to_multiple))
 
         # Noising in patch layout, x_t = (1 - t) x + t eps, in one pass from the uint8 images

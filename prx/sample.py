@@ -13,8 +13,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from prx.checkpoint import CheckpointError, load_model_weights, read_meta
 from prx.config import from_dict
 from prx.distributed import pick_device

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from prx.data.stream import ImageBatch, IndexStream
+
 # --- vocabulary -------------------------------------------------------------------
 
 BACKGROUND: tuple[int, int, int] = (255, 255, 255)
@@ -315,3 +317,34 @@ def collate(batch: list[tuple[torch.Tensor, str, Scene]],
     returns (uint8 images (B, 3, H, W), captions, scenes)."""
     images, captions, scenes = zip(*batch)
     return torch.stack(images), list(captions), list(scenes)
+
+
+class ShapesBatches:
+    """The trainer's view of the shapes set, the same as `prx.data.webdata.ShardBatches`:
+    next_batch() -> ImageBatch on the device, slots, epoch, state_dict / load_state_dict.
+    Batches carry sample ids: the shapes captions are known in advance and embedded once."""
+
+    def __init__(self, seed: int, resolution: int, length: int, batch_size: int, device: torch.device,
+                 rank: int = 0, world_size: int = 1):
+        self.dataset = ShapesDataset(seed, resolution, length)
+        self.order = IndexStream(length, batch_size, seed, rank, world_size)
+        self.device = device
+
+    @property
+    def slots(self) -> list[int]:
+        return self.order.slots
+
+    @property
+    def epoch(self) -> float:
+        return self.order.epoch
+
+    def state_dict(self) -> dict:
+        return self.order.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.load_state_dict(state)
+
+    def next_batch(self) -> ImageBatch:
+        ids = self.order.next_batch()
+        images, captions, _ = collate([self.dataset[i] for i in ids])
+        return ImageBatch(images.to(self.device, non_blocking=True), captions, ids)

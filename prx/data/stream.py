@@ -8,9 +8,20 @@ together), which checkpoints store, so a resumed run reads exactly what it would
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from prx.rng import mix_seed
+
+
+@dataclass
+class ImageBatch:
+    """What a data source hands the loop each step (this rank's share of the global batch)."""
+
+    images: torch.Tensor  # uint8 (B, 3, H, W) on the training device
+    captions: list[str]
+    ids: list[int] | None = None  # sample indices, where captions were embedded in advance
 
 
 class IndexStream:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import itertools
 from collections import Counter
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,15 +28,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from prx.data.buckets import BucketBatches, assign_buckets, bucket_sizes, crop_box, describe_buckets
 from prx.data.shards import ShardError, ShardSet, find_shards
+from prx.data.stream import ImageBatch
 from prx.rng import mix_seed
 
 MAX_STAND_INS = 16  # attempts to find a decodable stand-in for a bad sample before giving up
-
-
-@dataclass
-class ImageBatch:
-    images: torch.Tensor  # uint8 (B, 3, H, W)
-    captions: list[str]
 
 
 def decode_image(data: bytes, out_h: int, out_w: int, offset=(0.5, 0.5), dct_scaling: bool = True
