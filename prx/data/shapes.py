@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from prx.data.stream import ImageBatch, IndexStream
+from prx.data.stream import BatchSource, ImageBatch, IndexStream
 
 # --- vocabulary -------------------------------------------------------------------
 
@@ -319,9 +319,8 @@ def collate(batch: list[tuple[torch.Tensor, str, Scene]],
     return torch.stack(images), list(captions), list(scenes)
 
 
-class ShapesBatches:
-    """The trainer's view of the shapes set, the same as `prx.data.webdata.ShardBatches`:
-    next_batch() -> ImageBatch on the device, slots, epoch, state_dict / load_state_dict.
+class ShapesBatches(BatchSource):
+    """The trainer's view of the shapes set (as `prx.data.webdata.ShardBatches` is of shards).
     Batches carry sample ids: the shapes captions are known in advance and embedded once."""
 
     def __init__(self, seed: int, resolution: int, length: int, batch_size: int, device: torch.device,
@@ -329,20 +328,6 @@ class ShapesBatches:
         self.dataset = ShapesDataset(seed, resolution, length)
         self.order = IndexStream(length, batch_size, seed, rank, world_size)
         self.device = device
-
-    @property
-    def slots(self) -> list[int]:
-        return self.order.slots
-
-    @property
-    def epoch(self) -> float:
-        return self.order.epoch
-
-    def state_dict(self) -> dict:
-        return self.order.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.order.load_state_dict(state)
 
     def next_batch(self) -> ImageBatch:
         ids = self.order.next_batch()

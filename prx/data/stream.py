@@ -67,3 +67,28 @@ class IndexStream:
                 f"{state['seed']}, but this run has {self.length} samples with seed {self.seed}"
             )
         self.position = int(state["position"])
+
+
+class BatchSource:
+    """What the training loop reads a data source through: next_batch() -> ImageBatch, this
+    rank's `slots`, the `epoch`, and the resumable position. Subclasses set `self.order`, the
+    batch order whose position checkpoints store (an IndexStream or a bucketed one)."""
+
+    order: IndexStream
+
+    def next_batch(self) -> ImageBatch:
+        raise NotImplementedError
+
+    @property
+    def slots(self) -> list[int]:
+        return self.order.slots
+
+    @property
+    def epoch(self) -> float:
+        return self.order.epoch
+
+    def state_dict(self) -> dict:
+        return self.order.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.load_state_dict(state)

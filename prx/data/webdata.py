@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from prx.data.buckets import BucketBatches, assign_buckets, bucket_sizes, crop_box, describe_buckets
 from prx.data.shards import ShardError, ShardSet, find_shards
-from prx.data.stream import ImageBatch
+from prx.data.stream import BatchSource, ImageBatch
 from prx.rng import mix_seed
 
 MAX_STAND_INS = 16  # attempts to find a decodable stand-in for a bad sample before giving up
@@ -115,8 +115,8 @@ class BatchReader(Dataset):
         raise TypeError("BatchReader is indexed by batch number without end")
 
 
-class ShardBatches:
-    """The trainer's view: next_batch(), slots, epoch, state_dict/load_state_dict (like IndexStream)."""
+class ShardBatches(BatchSource):
+    """The trainer's view of webdataset shards: aspect-bucketed batches (Pillow workers or DALI)."""
 
     def __init__(self, cfg, patch_size: int, device: torch.device, seed: int, batch_size: int,
                  rank: int = 0, world_size: int = 1, log=print, progress=None):
@@ -152,22 +152,10 @@ class ShardBatches:
                 break
         return found
 
-    # The IndexStream interface the loop uses.
-    @property
-    def slots(self) -> list[int]:
-        return self.order.slots
-
-    @property
-    def epoch(self) -> float:
-        return self.order.epoch
-
-    def state_dict(self) -> dict:
-        return self.order.state_dict()
-
     def load_state_dict(self, state: dict) -> None:
         if self._batches is not None:
             raise RuntimeError("load the data position before the first batch")
-        self.order.load_state_dict(state)
+        super().load_state_dict(state)
 
     def _start(self):
         workers = self.workers
