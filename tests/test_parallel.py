@@ -97,6 +97,20 @@ def test_compiled_block_equals_eager_block_fullgraph():
     torch.testing.assert_close(compiled(img, txt, cond, cos, sin, pad), eager, rtol=1e-4, atol=1e-5)
 
 
+def run_fsdp_worker(*args: str) -> subprocess.CompletedProcess:
+    """tests/fsdp_worker.py under a one-rank torchrun; its output names every failed check."""
+    return subprocess.run([*torchrun(1), "tests/fsdp_worker.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_fsdp2_with_bf16_compute_is_as_accurate_as_autocast_and_steps_alike():
+    """FSDP2's bf16 parameters (CPU, gloo) against the fp32 model: forward and gradients within twice
+    plain autocast's error, fp32 parameters and gradients, the same Muon + Adam step as unsharded."""
+    done = run_fsdp_worker("--cpu")
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "every check passed" in done.stdout
+
+
 def test_accumulation_equals_one_big_batch(tmp_path):
     run_train(SMALL + ["--run-dir", str(tmp_path / "big"), "--steps", "3"])
     run_train(SMALL + ["--run-dir", str(tmp_path / "micro"), "--steps", "3", "--set", "parallel.micro_batch=2"])
