@@ -147,7 +147,7 @@ def main() -> None:
         "dense denoiser only": (dataclasses.replace(cfg, tread=dataclasses.replace(cfg.tread, enabled=False)),
                                 (None, None, None)),
     }
-    times, rows = {}, []
+    times = {}
     for name, (variant_cfg, teachers) in variants.items():
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -156,9 +156,10 @@ def main() -> None:
             step()
         times[name] = time_ms(step, device, reps=10)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-        rows.append({**env, "op": "recipe_step", "shape": label, "dtype": "bf16" if device.type == "cuda" else "fp32",
-                     "mode": "step", "provider": name, "ms": round(times[name], 2),
-                     "note": f"{args.batch_size / times[name] * 1e3:.1f} img/s; peak {peak:.1f} GiB"})
+        row = {**env, "op": "recipe_step", "shape": label, "dtype": "bf16" if device.type == "cuda" else "fp32",
+               "mode": "step", "provider": name, "ms": round(times[name], 2),
+               "note": f"{args.batch_size / times[name] * 1e3:.1f} img/s; peak {peak:.1f} GiB"}
+        path = append_rows("recipe", [row], args.out_dir)  # row by row: a cut-off run keeps its rows
         print(f"{name:<22}{times[name]:>10.2f} ms  {args.batch_size / times[name] * 1e3:>8.1f} img/s  peak {peak:.1f} GiB")
 
     for p in model.parameters():  # the optimizer alone, on the gradients of one step
@@ -168,10 +169,12 @@ def main() -> None:
     costs["optimizer (Muon + Adam)"] = optimizer_ms
     for name, ms in costs.items():
         print(f"{name:<28}{ms:>10.2f} ms")
-        rows.append({**env, "op": "recipe_component", "shape": label, "mode": "step", "provider": name,
-                     "ms": round(ms, 2), "note": "full step minus the step without it" if "cost" in name else "alone"})
+        append_rows("recipe", [{**env, "op": "recipe_component", "shape": label, "mode": "step", "provider": name,
+                                "ms": round(ms, 2),
+                                "note": "full step minus the step without it" if "cost" in name else "alone"}],
+                    args.out_dir)
     print("reference (RECIPE section 9, H200): 262.5 ms, 122 img/s, 29.8 GiB at batch 32")
-    print(f"rows appended to {append_rows('recipe', rows, args.out_dir)}")
+    print(f"rows appended to {path}")
 
 
 if __name__ == "__main__":

@@ -4,20 +4,32 @@
 # Needs only torch, triton, transformers, numpy (what a bare CUDA machine has) plus the
 # repository; no network. DALI is timed only when installed (its wheel is not carried).
 #
-#   bash bench/gpu_check.sh                 # on a GPU: the real check, a few minutes
-#   bash bench/gpu_check.sh                 # without one: a smoke run of the same steps on CPU
-#   ONLY="muon patchify" bash bench/gpu_check.sh   # a subset of: tests kernels (muon patchify
-#                                                   # losses liger) step recipe data
-# All of it is estimated (not yet measured) at 12-15 minutes on one H100: over the device tool's
-# 10 minutes a call, so split it: ONLY="tests kernels", then ONLY="step recipe data".
+#   bash bench/gpu_check.sh                         # on a GPU: every section, within BUDGET_S
+#   bash bench/gpu_check.sh                         # without one: a smoke run of the same on CPU
+#   ONLY="recipe data" bash bench/gpu_check.sh      # some sections, in the order given
+#
+# Sections, in the default order (most wanted first: the open GPU items of issue 3 lead):
+#   step     dense prx_small step, 1024 px batch 16: eager, compiled, compiled without text mask
+#            (one process), then 512 px batch 64 eager
+#   liger    Liger-Kernel ops against eager and compiled torch (needs the carried wheel)
+#   tests    every GPU-marked test
+#   kernels  Muon Newton-Schulz, patchify + routing, fused losses against eager and compiled torch
+#   recipe   the full recipe step and its ablation breakdown
+#   data     image decoding throughput
+# A device lease is 15 minutes, machine start included, and a command 10 minutes at most, so the
+# sections share one deadline, BUDGET_S seconds (default 420 on a GPU): each runs under what is
+# left of it, a section that would start with under a minute left is skipped, and the summary
+# names what was skipped or cut off so a second call can run just those.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
-ONLY=${ONLY:-"tests kernels step data"}
+ONLY=${ONLY:-"step liger tests kernels recipe data"}
+PACK=${PACK:-0}  # 1: pack $OUT into one archive at the end (the device tool returns 8 files at most)
 status=0
+unfinished=()  # sections skipped or cut off at the deadline
 
 # Wheels carried to a bare GPU machine in .whl/ (the device tool's `carry`), e.g. Liger-Kernel:
 #   pip download liger-kernel==0.8.5 --no-deps -d .whl
@@ -28,58 +40,62 @@ fi
 
 if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     smoke=""
+    BUDGET_S=${BUDGET_S:-420}
     steps=10
-    # Dense PRX small at 1024 px, batch 16: the reference's 79 img/s (compiled, text mask) and
-    # 89 img/s (no mask) on an H200 (RECIPE section 9).
-    runs=("--preset prx_small_1024 --batch-size 16"
-          "--preset prx_small_1024 --batch-size 16 --compile"
-          "--preset prx_small_1024 --batch-size 16 --compile --no-mask"
-          "--preset prx_small_512 --batch-size 64")
+    # RECIPE section 9 (H200, reference code): 1024 px batch 16 fwd+bwd 79 img/s compiled with
+    # the text mask, 89 without, 41 eager; 512 px batch 64 eager 156 img/s.
+    step_runs=("--preset prx_small_1024 --batch-size 16 --variants eager compile compile-no-mask"
+               "--preset prx_small_512 --batch-size 64 --variants eager")
     data_images=256
 else
     echo "gpu_check: no CUDA device; smoke run on the CPU (numbers are not GPU results)"
     smoke="--smoke"
+    BUDGET_S=${BUDGET_S:-3600}
     steps=2
-    runs=("--preset tiny --batch-size 8" "--preset tiny --batch-size 8 --compile")
+    step_runs=("--preset tiny --batch-size 8 --variants eager compile")
     data_images=16
 fi
+deadline=$((SECONDS + BUDGET_S))
 
-run() {  # run NAME CMD...: log to $OUT/NAME.log, print the tail, remember failures
-    local name=$1
+run() {  # run NAME CMD...: under the time left, log to $OUT/NAME.log, print the tail
+    local name=$1 left=$((deadline - SECONDS))
     shift
-    echo "== $name"
-    "$@" 2>&1 | tee -a "$OUT/$name.log" | tail -12
-    [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "!! $name failed (see $OUT/$name.log)"; status=1; }
+    echo "== $name ($left s left)"
+    if ((left < 60)); then
+        echo "!! $name skipped: under a minute of BUDGET_S=$BUDGET_S left"
+        unfinished+=("$section")
+        return
+    fi
+    timeout --kill-after=20 "$left" "$@" 2>&1 | tee -a "$OUT/$name.log" | tail -12
+    local rc=${PIPESTATUS[0]}
+    if ((rc == 124 || rc == 137)); then
+        echo "!! $name cut off at the deadline (see $OUT/$name.log)"
+        unfinished+=("$section")
+    elif ((rc != 0)); then
+        echo "!! $name failed with exit status $rc (see $OUT/$name.log)"
+        status=1
+    fi
 }
 
-if [[ $ONLY == *tests* ]]; then
-    run gpu_tests $PY -m pytest -q -m gpu tests
-fi
-if [[ $ONLY == *kernels* || $ONLY == *muon* ]]; then
-    run bench_muon $PY bench/bench_muon.py $smoke --out-dir "$OUT"
-fi
-if [[ $ONLY == *kernels* || $ONLY == *patchify* ]]; then
-    run bench_patchify $PY bench/bench_patchify.py $smoke --out-dir "$OUT"
-    run bench_routing $PY bench/bench_routing.py $smoke --out-dir "$OUT"
-fi
-if [[ $ONLY == *kernels* || $ONLY == *losses* ]]; then
-    run bench_losses $PY bench/bench_losses.py $smoke --out-dir "$OUT"
-fi
-if [[ $ONLY == *kernels* || $ONLY == *liger* ]]; then
-    run bench_liger $PY bench/bench_liger.py $smoke --out-dir "$OUT"
-fi
-if [[ $ONLY == *step* ]]; then
-    for args in "${runs[@]}"; do
-        # shellcheck disable=SC2086
-        run bench_step $PY bench/bench_step.py $args --steps $steps --out "$OUT/step.csv"
-    done
-fi
-if [[ $ONLY == *step* || $ONLY == *recipe* ]]; then
-    run bench_recipe $PY bench/bench_recipe.py $smoke --out-dir "$OUT"
-fi
-if [[ $ONLY == *data* ]]; then
-    run bench_data $PY bench/bench_data.py --images $data_images --out "$OUT/data.csv"
-fi
+for section in $ONLY; do
+    case $section in
+        step)
+            for args in "${step_runs[@]}"; do
+                # shellcheck disable=SC2086
+                run bench_step $PY bench/bench_step.py $args --steps $steps --out "$OUT/step.csv"
+            done ;;
+        liger) run bench_liger $PY bench/bench_liger.py $smoke --out-dir "$OUT" ;;
+        tests) run gpu_tests $PY -m pytest -q -m gpu tests ;;
+        kernels)
+            run bench_muon $PY bench/bench_muon.py $smoke --out-dir "$OUT"
+            run bench_patchify $PY bench/bench_patchify.py $smoke --out-dir "$OUT"
+            run bench_routing $PY bench/bench_routing.py $smoke --out-dir "$OUT"
+            run bench_losses $PY bench/bench_losses.py $smoke --out-dir "$OUT" ;;
+        recipe) run bench_recipe $PY bench/bench_recipe.py $smoke --out-dir "$OUT" ;;
+        data) run bench_data $PY bench/bench_data.py --images $data_images --out "$OUT/data.csv" ;;
+        *) echo "!! unknown section '$section' (step liger tests kernels recipe data)"; status=1 ;;
+    esac
+done
 
 echo "== summary"
 $PY - "$OUT" <<'PYEOF'
@@ -88,13 +104,14 @@ from pathlib import Path
 out = Path(sys.argv[1])
 step = out / "step.csv"
 if step.exists():
-    print(f"{'preset':<16}{'batch':>6}{'mask':>6}{'provider':>9}{'ms/step':>10}{'img/s':>8}{'MFU':>7}{'peak GiB':>10}")
+    print(f"{'preset':<16}{'batch':>6}{'mask':>6}{'provider':>9}{'fwd+bwd ms':>11}{'img/s':>8}{'step ms':>9}"
+          f"{'MFU':>7}{'peak GiB':>10}")
     for r in csv.DictReader(step.open()):
-        print(f"{r['preset']:<16}{r['batch']:>6}{r['mask']:>6}{r['provider']:>9}{r['ms_per_step']:>10}"
-              f"{r['img_per_s']:>8}{r.get('mfu') or '-':>7}{r.get('peak_gib') or '-':>10}")
+        print(f"{r['preset']:<16}{r['batch']:>6}{r['mask']:>6}{r['provider']:>9}{r['fwd_bwd_ms']:>11}"
+              f"{r['img_per_s']:>8}{r['ms_per_step']:>9}{r.get('mfu') or '-':>7}{r.get('peak_gib') or '-':>10}")
 def num(text, fmt):
     return format(float(text), fmt) if text else ""
-for name in ("muon", "patchify", "routing", "losses", "liger", "recipe"):
+for name in ("liger", "muon", "patchify", "routing", "losses", "recipe"):
     path = out / f"{name}.csv"
     if not path.exists():
         continue
@@ -109,4 +126,13 @@ if data.exists():
     for r in csv.DictReader(data.open()):
         print(f"data  {r['shape']:<8}{r['provider']:<18}{r['note']}")
 PYEOF
+if ((${#unfinished[@]})); then
+    rerun=$(printf '%s\n' "${unfinished[@]}" | awk '!seen[$0]++' | xargs)
+    echo "not finished within BUDGET_S=$BUDGET_S s: $rerun; a second call: ONLY=\"$rerun\" bash bench/gpu_check.sh"
+    status=1
+fi
+if ((PACK)); then  # one archive of every log and CSV, read by bench/collect.py
+    archive=$(mktemp --suffix .tar.gz)
+    tar -czf "$archive" -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv "$archive" "$OUT/gpu_check.tar.gz"
+fi
 exit $status
