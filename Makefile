@@ -8,7 +8,10 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup speedrun test clean
+# Wheels that bench/gpu_check.sh installs on a bare GPU machine (pure Python: any platform).
+GPU_WHEELS := liger-kernel==0.8.5
+
+.PHONY: setup speedrun test gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -21,6 +24,9 @@ speedrun: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+gpu-wheels:  # into .whl/ (git-ignored), to carry along to the GPU check
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: -d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -31,8 +31,8 @@ PACK=${PACK:-0}  # 1: pack $OUT into one archive at the end (the device tool ret
 status=0
 unfinished=()  # sections skipped or cut off at the deadline
 
-# Wheels carried to a bare GPU machine in .whl/ (the device tool's `carry`), e.g. Liger-Kernel:
-#   pip download liger-kernel==0.8.5 --no-deps -d .whl
+# Wheels a bare GPU machine lacks (Liger-Kernel), fetched by `make gpu-wheels` into .whl/ and
+# carried along with the repository:
 if compgen -G ".whl/*.whl" > /dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="/tmp/site:$PYTHONPATH"

@@ -7,6 +7,7 @@ import pytest
 import train
 from tests.test_parallel import run_fsdp_worker
 from tests.test_recipe import recipe_args, records, teachers  # noqa: F401 (teachers: a fixture)
+from tests.tiny_text import WIDTH, save_tiny_text_encoder
 
 pytestmark = pytest.mark.gpu
 
@@ -26,7 +27,9 @@ def test_recipe_compiled_with_muon_learns_and_resumes(tmp_path, teachers):  # no
     timestep stream) changes each step's batch: from one step to the next, this run's diffusion
     loss changes by 37 % (median) and at least 4.3 % (measured on the CPU, steps 30 to 60), far
     more than the 2 % allowed here."""
-    args = recipe_args(teachers) + ["--lr", "3e-3", "--set", "optim.warmup_steps=10",
+    encoder = save_tiny_text_encoder(tmp_path / "text")  # MiniLM's package is not on a bare GPU machine
+    args = recipe_args(teachers) + ["--set", f"text.encoder={encoder}", "--set", f"model.text_dim={WIDTH}",
+                                    "--lr", "3e-3", "--set", "optim.warmup_steps=10",
                                     "--set", "train.device=cuda", "--set", "parallel.compile=true",
                                     "--set", "optim.name=muon", "--set", "train.checkpoint_every=30"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
