@@ -69,16 +69,20 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int) -> N
             model.blocks[i] = checkpoint_wrapper(block)
 
 
-# Aspect buckets give each batch its own token count (19 shapes at 1024 px), and each shape is
-# its own static graph; the default limit of 8 recompiles would fall back to eager after 8.
+# How many graphs a block may compile before dynamo gives up and runs it eagerly (default 8).
+# Shapes alone stay few: a second token count or caption length recompiles the block once with
+# that size symbolic, and every later aspect bucket and caption length reuses it (4 graphs for 8
+# shapes in a CPU trial). But each variant of the call multiplies them: static or symbolic, with
+# or without a text mask, TREAD route and REPA capture, training or sampling under no_grad.
 RECOMPILE_LIMIT = 64
 
 
-def apply_compile(model: nn.Module) -> None:
-    """Compile each block in place (names unchanged); the blocks share code, so one graph."""
+def apply_compile(model: nn.Module, backend="inductor") -> None:
+    """Compile each block in place (names unchanged); the blocks share code, so one graph.
+    `backend`: torch.compile's (e.g. "aot_eager" to tell a dynamo problem from an inductor one)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for block in model.blocks:
-        block.compile(fullgraph=True)
+        block.compile(fullgraph=True, backend=backend)
 
 
 def apply_fsdp(model: nn.Module, device: torch.device, cfg: ParallelConfig, compute_dtype: torch.dtype) -> None:

@@ -16,7 +16,7 @@ import torch
 from prx.config import ConfigError, ModelConfig
 from prx.guard import BadStepGuard, TooManyBadSteps
 from prx.model import PRX
-from prx.parallel import BatchPlan, apply_activation_checkpointing
+from prx.parallel import BatchPlan, apply_activation_checkpointing, apply_compile
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--set", "model.hidden_dim=64", "--set", "model.num_heads=4", "--set", "model.depth=2",
@@ -95,6 +95,27 @@ def test_compiled_block_equals_eager_block_fullgraph():
     eager = block(img, txt, cond, cos, sin, pad)
     compiled = torch.compile(block, fullgraph=True)  # raises on any graph break
     torch.testing.assert_close(compiled(img, txt, cond, cos, sin, pad), eager, rtol=1e-4, atol=1e-5)
+
+
+def test_new_bucket_shapes_and_caption_lengths_reuse_the_compiled_block():
+    """Real data changes the token grid (aspect buckets) and the caption length every batch; after a
+    symbolic recompile the blocks must reuse their graph, or a run would recompile without end
+    and, past RECOMPILE_LIMIT, fall back to eager."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model, counter = random_model(), CompileCounter()
+    apply_compile(model, backend=counter)
+    shapes = [((4, 4), 16), ((4, 4), 32), ((3, 5), 16), ((5, 3), 48), ((4, 6), 16), ((6, 4), 64), ((2, 8), 8)]
+    for i, ((h, w), text_len) in enumerate(shapes):
+        g = torch.Generator().manual_seed(i)
+        mask = torch.arange(text_len)[None] < torch.tensor([[text_len], [text_len // 2]])
+        out = model(torch.randn(2, h * w, CFG.patch_dim, generator=g), torch.rand(2, generator=g),
+                    torch.randn(2, text_len, CFG.text_dim, generator=g), mask, (h, w))
+        out.square().mean().backward()
+        if i == 2:
+            settled = counter.frame_count
+    assert counter.frame_count == settled <= 4, (settled, counter.frame_count)
 
 
 def run_fsdp_worker(*args: str) -> subprocess.CompletedProcess:
