@@ -97,34 +97,31 @@ for section in $ONLY; do
     esac
 done
 
-echo "== summary"
+echo "== summary (most wanted last: a device call returns only the end of the output)"
 $PY - "$OUT" <<'PYEOF'
 import csv, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-step = out / "step.csv"
-if step.exists():
-    print(f"{'preset':<16}{'batch':>6}{'mask':>6}{'provider':>9}{'fwd+bwd ms':>11}{'img/s':>8}{'step ms':>9}"
-          f"{'MFU':>7}{'peak GiB':>10}")
-    for r in csv.DictReader(step.open()):
-        print(f"{r['preset']:<16}{r['batch']:>6}{r['mask']:>6}{r['provider']:>9}{r['fwd_bwd_ms']:>11}"
-              f"{r['img_per_s']:>8}{r['ms_per_step']:>9}{r.get('mfu') or '-':>7}{r.get('peak_gib') or '-':>10}")
+def rows(name):
+    path = out / f"{name}.csv"
+    return list(csv.DictReader(path.open())) if path.exists() else []
 def num(text, fmt):
     return format(float(text), fmt) if text else ""
-for name in ("liger", "muon", "patchify", "routing", "losses", "recipe"):
-    path = out / f"{name}.csv"
-    if not path.exists():
-        continue
-    for r in csv.DictReader(path.open()):
+for r in rows("data"):
+    print(f"data  {r['shape']:<8}{r['provider']:<18}{r['note']}")
+for name in ("losses", "routing", "patchify", "muon", "recipe", "liger"):
+    for r in rows(name):
         rate = (f"{num(r['gbps'], '.1f')} GB/s" if r["gbps"] else
                 f"{num(r['tflops'], '.1f')} TFLOP/s" if r["tflops"] else r["note"][:32])
         ratio = f"x{num(r['ratio'], '.2f')}" if r["ratio"] else ""
         print(f"{r['op']:<18}{r['shape'][:30]:<31}{r['mode']:<6}{r['provider'][:24]:<25}{num(r['ms'], '.3f'):>10} ms  "
               f"{rate:<34}{ratio}")
-data = out / "data.csv"
-if data.exists():
-    for r in csv.DictReader(data.open()):
-        print(f"data  {r['shape']:<8}{r['provider']:<18}{r['note']}")
+if rows("step"):
+    print(f"{'preset':<16}{'batch':>6}{'mask':>6}{'provider':>9}{'fwd+bwd ms':>11}{'img/s':>8}{'step ms':>9}"
+          f"{'MFU':>7}{'peak GiB':>10}")
+for r in rows("step"):
+    print(f"{r['preset']:<16}{r['batch']:>6}{r['mask']:>6}{r['provider']:>9}{r['fwd_bwd_ms']:>11}"
+          f"{r['img_per_s']:>8}{r['ms_per_step']:>9}{r.get('mfu') or '-':>7}{r.get('peak_gib') or '-':>10}")
 PYEOF
 if ((${#unfinished[@]})); then
     rerun=$(printf '%s\n' "${unfinished[@]}" | awk '!seen[$0]++' | xargs)
