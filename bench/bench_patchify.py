@@ -26,7 +26,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import append_rows, copy_bandwidth_gbps, environment, format_row, measure  # noqa: E402
+from bench.common import measure_and_record  # noqa: E402
 from kernels import patchify as kp  # noqa: E402
 from kernels import ref  # noqa: E402
 
@@ -83,20 +83,10 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     names = args.providers.split(",")
     shapes = [(2, 64, 32)] if args.smoke else [(16, 512, 32), (16, 1024, 32)]
-    env = environment(device)
-    rows = []
-    peak = None
-    if device.type == "cuda":
-        peak = copy_bandwidth_gbps(device)
-        print(f"device copy bandwidth (1 GiB): {peak:.0f} GB/s")
-    for batch, size, p in shapes:
-        for op, mode, nbytes, providers in cases(batch, size, p, device, names):
-            new = measure(op, f"{batch}x3x{size}x{size} p{p}", "uint8->bf16" if op != "unpatchify" else "bf16",
-                          mode, nbytes, providers, device, env, peak)
-            for row in new:
-                print(format_row(row) + (f"  ({row['note']})" if row["provider"] == "triton" else ""))
-            rows += new
-    print(f"rows appended to {append_rows('patchify', rows, Path(args.out_dir) if args.out_dir else None)}")
+    measure_and_record("patchify", (
+        (op, f"{batch}x3x{size}x{size} p{p}", "uint8->bf16" if op != "unpatchify" else "bf16", mode, nbytes, providers)
+        for batch, size, p in shapes for op, mode, nbytes, providers in cases(batch, size, p, device, names)),
+        device, args.out_dir)
 
 
 if __name__ == "__main__":

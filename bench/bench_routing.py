@@ -26,7 +26,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import append_rows, copy_bandwidth_gbps, environment, format_row, measure  # noqa: E402
+from bench.common import measure_and_record  # noqa: E402
 from kernels import ref  # noqa: E402
 from kernels import routing as kr  # noqa: E402
 
@@ -84,20 +84,11 @@ def main() -> None:
     names = args.providers.split(",")
     shapes = [(2, 77, 40, torch.float32)] if args.smoke else [(16, 256, 1792, torch.bfloat16),
                                                                (16, 1024, 1792, torch.bfloat16)]
-    env = environment(device)
-    rows = []
-    peak = None
-    if device.type == "cuda":
-        peak = copy_bandwidth_gbps(device)
-        print(f"device copy bandwidth (1 GiB): {peak:.0f} GB/s")
-    for batch, tokens, width, dtype in shapes:
-        for op, mode, nbytes, providers in cases(batch, tokens, width, dtype, device, names):
-            new = measure(op, f"{batch}x{tokens}x{width} keep {tokens // 2}", str(dtype).removeprefix("torch."),
-                          mode, nbytes, providers, device, env, peak)
-            for row in new:
-                print(format_row(row) + (f"  ({row['note']})" if row["provider"] == "triton" else ""))
-            rows += new
-    print(f"rows appended to {append_rows('routing', rows, Path(args.out_dir) if args.out_dir else None)}")
+    measure_and_record("routing", (
+        (op, f"{batch}x{tokens}x{width} keep {tokens // 2}", str(dtype).removeprefix("torch."), mode, nbytes, providers)
+        for batch, tokens, width, dtype in shapes
+        for op, mode, nbytes, providers in cases(batch, tokens, width, dtype, device, names)),
+        device, args.out_dir)
 
 
 if __name__ == "__main__":

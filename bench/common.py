@@ -99,6 +99,23 @@ def measure(op, shape, dtype, mode, nbytes, providers, device, env, peak_gbps=No
     return rows
 
 
+def measure_and_record(name: str, cases, device: torch.device, out_dir: str | None) -> None:
+    """The main loop of a memory-bound benchmark: `cases` yields (op, shape, dtype, mode, nbytes,
+    providers); each is measured (`measure`), printed, and appended to `<out_dir>/<name>.csv`."""
+    env = environment(device)
+    peak = None
+    if device.type == "cuda":
+        peak = copy_bandwidth_gbps(device)
+        print(f"device copy bandwidth (1 GiB): {peak:.0f} GB/s")
+    rows = []
+    for op, shape, dtype, mode, nbytes, providers in cases:
+        new = measure(op, shape, dtype, mode, nbytes, providers, device, env, peak)
+        for row in new:
+            print(format_row(row) + (f"  ({row['note']})" if row["provider"] == "triton" else ""))
+        rows += new
+    print(f"rows appended to {append_rows(name, rows, Path(out_dir) if out_dir else None)}")
+
+
 def append_rows(name: str, rows: list[dict], out_dir: Path | None = None) -> Path:
     """Append rows to `<out_dir>/<name>.csv` (default bench/results/), writing the header once."""
     path = Path(out_dir or RESULTS) / f"{name}.csv"
