@@ -13,8 +13,10 @@ linear warmup. RECIPE.md says what each number is and where it comes from.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,7 +37,7 @@ from prx.ema import EMA
 from prx.distributed import DistInfo, all_reduce_mean, gather_to_main, init_distributed, shutdown
 from prx.evaluate import generate, save_grid
 from prx.flow import T_BIN_NAMES, flow_loss, loss_sums_by_t_bin, sample_timesteps
-from prx.guard import BadStepGuard, TooManyBadSteps
+from prx.guard import BadStepGuard, OutOfMemory, TooManyBadSteps, out_of_memory_advice
 from prx.hub import PretrainedMissing
 from prx.lpips import LPIPSLoss
 from prx.model import PRX, count_parameters
@@ -129,8 +131,17 @@ def shapes_evaluation(model, tower, cfg: Config, dist: DistInfo, step: int, run_
 
 
 def main(argv: list[str] | None = None) -> int:
-    # ------------------------------------------------------------------ setup
     cfg, args = parse_args(argv)
+    try:
+        return run(cfg, args)
+    except torch.OutOfMemoryError as err:  # name the settings that lower a step's memory
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        plan = BatchPlan.derive(cfg.train.batch_size, world_size, cfg.parallel.micro_batch)
+        raise OutOfMemory(out_of_memory_advice(err, cfg, plan)) from err
+
+
+def run(cfg: Config, args: argparse.Namespace) -> int:
+    # ------------------------------------------------------------------ setup
     dist = init_distributed(cfg.train.device)
     device = dist.device
     if cfg.train.threads:
@@ -344,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ConfigError, PretrainedMissing, ckpt.CheckpointError, TooManyBadSteps, ShardError) as err:
+    except (ConfigError, PretrainedMissing, ckpt.CheckpointError, TooManyBadSteps, ShardError,
+            OutOfMemory) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

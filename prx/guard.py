@@ -1,17 +1,42 @@
-"""Skip optimizer steps whose gradient is not finite, and stop when that keeps happening.
+"""Failures during training: steps whose gradient is not finite, and running out of memory.
 
-The global gradient norm (after the data-parallel reduction, so every rank sees the same
-value) decides: one NaN or inf anywhere makes it non-finite. Checking it costs one scalar
-device-to-host copy per step.
+`BadStepGuard` skips an optimizer step whose global gradient norm (after the data-parallel
+reduction, so every rank sees the same value) is NaN or inf, and stops when that keeps
+happening; checking costs one scalar device-to-host copy per step. `out_of_memory_advice`
+turns an out-of-memory error into the settings that lower the memory a step needs.
 """
 
 from __future__ import annotations
 
 import torch
 
+from prx.config import Config
+from prx.parallel import BatchPlan
+
 
 class TooManyBadSteps(RuntimeError):
     pass
+
+
+class OutOfMemory(RuntimeError):
+    pass
+
+
+def out_of_memory_advice(err: torch.OutOfMemoryError, cfg: Config, plan: BatchPlan) -> str:
+    """What ran out, with this run's micro-batch, and what to set instead (global batch kept)."""
+    first_line = (str(err).strip().splitlines() or ["out of memory"])[0]
+    tips = []
+    smaller = next((m for m in range(plan.micro_batch - 1, 0, -1) if plan.local_batch % m == 0), None)
+    if smaller:
+        tips.append(f"--set parallel.micro_batch={smaller} (gradient accumulation keeps the global batch "
+                    f"of {plan.global_batch})")
+    if cfg.parallel.activation_checkpointing != "full":
+        tips.append("--set parallel.activation_checkpointing=full (blocks recompute activations in backward)")
+    if not cfg.parallel.reshard_after_forward:
+        tips.append("--set parallel.reshard_after_forward=true")
+    advice = "; or ".join(tips) if tips else "more GPUs, or a smaller train.batch_size"
+    return (f"out of device memory with micro-batch {plan.micro_batch} per process at {cfg.data.resolution} px "
+            f"({first_line}). Try {advice}")
 
 
 class BadStepGuard:

@@ -84,6 +84,26 @@ def test_bad_config_exits_with_one_clear_message():
         "error: model.num_heads=5 does not divide model.hidden_dim=128"]
 
 
+def test_out_of_memory_names_the_settings_that_lower_it(tmp_path):
+    """A step that runs out of device memory stops with exit status 2 and one message naming a
+    smaller micro-batch (the global batch kept) and activation checkpointing. The error is raised
+    by the model's forward, as CUDA raises it, through the real command line."""
+    inject = ("import runpy, sys, torch, prx.model\n"
+              "def forward(*args, **kwargs):\n"
+              "    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB')\n"
+              "prx.model.PRX.forward = forward\n"
+              "sys.argv = ['train.py'] + sys.argv[1:]\n"
+              "runpy.run_path('train.py', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", inject, *SMALL, "--run-dir", str(tmp_path), "--steps", "2",
+                           "--set", "parallel.micro_batch=4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: out of device memory with micro-batch 4 per process at 32 px "
+                              "(CUDA out of memory. Tried to allocate 20.00 GiB)"), message
+    assert "--set parallel.micro_batch=2 (gradient accumulation keeps the global batch of 8)" in message
+    assert "--set parallel.activation_checkpointing=full" in message
+
+
 def test_resume_with_another_model_is_refused(tmp_path):
     run = tmp_path / "run"
     train.main(SMALL + ["--run-dir", str(run), "--steps", "1"])
