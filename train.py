@@ -42,6 +42,7 @@ from prx.hub import PretrainedMissing
 from prx.lpips import LPIPSLoss
 from prx.model import PRX, count_parameters
 from prx.optim import build_optimizer
+from prx.preemption import StopSignals, signal_name
 from prx.parallel import BatchPlan, parallelize, set_gradient_sync
 from prx.repa import RepaProjector, repa_loss, teacher_targets
 from prx.rng import mix_seed, step_generator
@@ -131,16 +132,20 @@ def shapes_evaluation(model, tower, cfg: Config, dist: DistInfo, step: int, run_
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train; returns the exit status (0, or 128 + the signal that stopped the run early)."""
     cfg, args = parse_args(argv)
+    stop = StopSignals()  # SIGTERM / SIGUSR1: checkpoint at the end of the step, then exit
     try:
-        return run(cfg, args)
+        return run(cfg, args, stop)
     except torch.OutOfMemoryError as err:  # name the settings that lower a step's memory
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         plan = BatchPlan.derive(cfg.train.batch_size, world_size, cfg.parallel.micro_batch)
         raise OutOfMemory(out_of_memory_advice(err, cfg, plan)) from err
+    finally:
+        stop.restore()
 
 
-def run(cfg: Config, args: argparse.Namespace) -> int:
+def run(cfg: Config, args: argparse.Namespace, stop: StopSignals) -> int:
     # ------------------------------------------------------------------ setup
     dist = init_distributed(cfg.train.device)
     device = dist.device
@@ -240,6 +245,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     term_sums = torch.zeros(len(LOSS_TERMS), device=device)
     bin_sums, bin_counts = torch.zeros(3, device=device), torch.zeros(3, device=device)
     log.restart_clock(start_step)
+    stop_signal = 0
     for step in range(start_step, cfg.train.steps):
         batch = stream.next_batch()  # uint8 images on the device, this rank's share
         images = batch.images  # real data: one aspect bucket per batch, so the grid varies
@@ -328,7 +334,11 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
             sums.zero_(), bin_sums.zero_(), bin_counts.zero_(), term_sums.zero_()
 
         last = done == cfg.train.steps
-        if (cfg.train.sample_every and done % cfg.train.sample_every == 0) or (last and cfg.eval.final):
+        # Preemption or a time limit on any rank (SIGTERM, SIGUSR1): checkpoint this step and exit.
+        stop_signal = 0 if last else stop.agreed(device, dist.world_size)
+        if stop_signal:
+            log.print(f"{signal_name(stop_signal)} received: checkpointing step {done}, then stopping")
+        elif (cfg.train.sample_every and done % cfg.train.sample_every == 0) or (last and cfg.eval.final):
             with ema.swapped_into(model) if ema else contextlib.nullcontext():  # samples use the EMA
                 if shapes:
                     record = shapes_evaluation(model, tower, cfg, dist, done, run_dir, log)
@@ -338,18 +348,21 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
                     sample_grid(model, tower, cfg, dist, done, run_dir, log, prompts)
             log.restart_clock(done)
 
-        if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or last:
+        if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or last or stop_signal:
             meta = {"config": cfg.to_dict(), "step": done, "schedule": {"step": done},
                     "data": stream.state_dict()}
             path = checkpoints.save(done, model, optimizer, meta, ckpt.rng_state(device),  # every rank
                                     {"ema": ema.state_dict()} if ema else None)
             log.print(f"checkpoint {path}" + (" (writing in the background)" if cfg.train.async_checkpoint else ""))
             log.restart_clock(done)
+        if stop_signal:
+            log.print(f"stopped by {signal_name(stop_signal)} after step {done}; continue with --resume auto")
+            break
 
-    checkpoints.close()
+    checkpoints.close()  # waits for a background save
     log.close()
     shutdown()
-    return 0
+    return 128 + stop_signal if stop_signal else 0
 
 
 if __name__ == "__main__":

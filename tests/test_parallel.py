@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from prx.checkpoint import latest_checkpoint
 from prx.config import ConfigError, ModelConfig
 from prx.guard import BadStepGuard, TooManyBadSteps
 from prx.model import PRX
@@ -186,6 +187,43 @@ def test_sigkilled_worker_is_restarted_and_resumes(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     assert "resumed from" in out
     assert losses(run_dir)[30] == pytest.approx(losses(tmp_path / "straight")[30], rel=1e-4)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_checkpoints_the_step_in_flight_and_the_run_continues_from_it(tmp_path, nproc):
+    """SIGTERM to the launcher (a scheduler's time limit, a preemption): every rank finishes its
+    step, they write one checkpoint at the same step and exit; resumed, the run has the losses of
+    an uninterrupted one."""
+    args = SMALL + ["--resume", "auto"]  # no periodic checkpoints: the stop writes the only one
+    run_dir, log_path = tmp_path / "stopped", tmp_path / "run.log"
+    launcher = [sys.executable, "train.py"] if nproc == 1 else torchrun(nproc)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([*launcher, *([] if nproc == 1 else ["train.py"]), *args, "--steps", "1000",
+                                 "--run-dir", str(run_dir)],
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 240
+            while len(losses(run_dir) if (run_dir / "metrics.jsonl").exists() else {}) < 5:
+                assert time.time() < deadline and proc.poll() is None, log_path.read_text()[-3000:]
+                time.sleep(0.05)
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=120)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    out = log_path.read_text()
+    if nproc == 1:
+        assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    stopped_at = max(losses(run_dir))
+    assert stopped_at < 1000 and f"stopped by SIGTERM after step {stopped_at}" in out, out[-3000:]
+    assert latest_checkpoint(run_dir).name == f"step_{stopped_at:08d}"
+
+    end = stopped_at + 3
+    run_train(args + ["--steps", str(end), "--run-dir", str(run_dir)])
+    run_train(args + ["--steps", str(end), "--run-dir", str(tmp_path / "straight")])
+    resumed, straight = losses(run_dir), losses(tmp_path / "straight")
+    assert resumed.keys() == straight.keys() == set(range(1, end + 1))
+    for step in straight:
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-4), step
 
 
 def worker_pids(run_dir: Path) -> list[int]:
