@@ -305,6 +305,9 @@ def run(cfg: Config, args: argparse.Namespace, stop: StopSignals) -> int:
         grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
+        # A stop signal on any rank (SIGTERM: time limit, preemption) ends the run after this step.
+        # Agreed on here, where the guard waits for the device anyway, so it stalls nothing.
+        stop_signal = stop.agreed(device, dist.world_size)
         if guard.step(optimizer, grad_norm, step + 1):  # skips non-finite gradients
             sums += torch.stack([loss, grad_norm.detach(), torch.ones((), device=device)])
             term_sums += terms
@@ -334,9 +337,8 @@ def run(cfg: Config, args: argparse.Namespace, stop: StopSignals) -> int:
             sums.zero_(), bin_sums.zero_(), bin_counts.zero_(), term_sums.zero_()
 
         last = done == cfg.train.steps
-        # Preemption or a time limit on any rank (SIGTERM, SIGUSR1): checkpoint this step and exit.
-        stop_signal = 0 if last else stop.agreed(device, dist.world_size)
-        if stop_signal:
+        stop_signal = 0 if last else stop_signal  # at the last step the run ends as planned
+        if stop_signal:  # checkpoint this step, then exit
             log.print(f"{signal_name(stop_signal)} received: checkpointing step {done}, then stopping")
         elif (cfg.train.sample_every and done % cfg.train.sample_every == 0) or (last and cfg.eval.final):
             with ema.swapped_into(model) if ema else contextlib.nullcontext():  # samples use the EMA
