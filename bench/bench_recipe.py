@@ -124,13 +124,14 @@ def main() -> None:
             perceptual=dataclasses.replace(cfg.perceptual, dino_resolution=28))
         sizes = ("tiny", "tiny")
         args.batch_size = min(args.batch_size, 4)
-    teachers_all = (random_dino("v3", sizes[0], device, dtype), random_lpips(device, dtype),
-                    random_dino("v2", sizes[1], device, dtype))
+    with device:  # random teachers, initialised on the device too
+        teachers_all = (random_dino("v3", sizes[0], device, dtype), random_lpips(device, dtype),
+                        random_dino("v2", sizes[1], device, dtype))
     cfg = dataclasses.replace(cfg, repa=dataclasses.replace(cfg.repa, teacher_dim=teachers_all[0].hidden_size))
 
     torch.manual_seed(0)
-    model = PRX(cfg.model, RepaProjector(cfg.model.hidden_dim, cfg.repa.projector_dim, cfg.repa.teacher_dim))
-    model = model.to(device)
+    with device:  # initialised where it runs: seconds less of GPU time than on the host
+        model = PRX(cfg.model, RepaProjector(cfg.model.hidden_dim, cfg.repa.projector_dim, cfg.repa.teacher_dim))
     if not args.no_compile and device.type == "cuda":
         apply_compile(model)
     optimizer = build_optimizer(model, cfg)

@@ -89,7 +89,8 @@ def main() -> None:
     n, t_len = side * side, args.text_tokens or cfg.text.max_tokens
 
     torch.manual_seed(0)
-    model = PRX(m).to(device)
+    with device:  # initialised where it runs: seconds less of GPU time than on the host
+        model = PRX(m)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     x = torch.randn(b, n, m.patch_dim, device=device)
     target = torch.randn(b, n, m.patch_dim, device=device)
