@@ -62,11 +62,11 @@ def test_every_piece_on_trains_and_logs_each_term(tmp_path, teachers):
     for r in rs:
         terms = [r[f"loss_{n}"] for n in ("diffusion", "repa", "lpips", "dino")]
         assert r["loss"] == pytest.approx(sum(terms), rel=1e-5)
-        assert r["loss_repa"] < 0 < r["loss_lpips"] and r["loss_dino"] >= 0
+        assert -0.5 <= r["loss_repa"] <= 0.5 and r["loss_lpips"] > 0 and r["loss_dino"] >= 0  # -0.5 cos
     first, last = (sum(r["loss_diffusion"] for r in part) / 15 for part in (rs[:15], rs[-15:]))
     assert last < 0.7 * first, (first, last)
     repa_first, repa_last = (sum(r["loss_repa"] for r in part) / 15 for part in (rs[:15], rs[-15:]))
-    assert repa_last < repa_first  # the projector learns to align (more negative)
+    assert repa_last < min(repa_first, 0)  # the projector learns to align (cosine > 0, rising)
 
 
 def test_every_piece_on_resumes_exactly(tmp_path, teachers):
