@@ -84,6 +84,20 @@ def test_activation_checkpointing_keeps_names_and_gradients():
         torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_checkpointed_and_compiled_model_equals_the_plain_one(mode):
+    """parallelize's first two steps together, as the PRX presets run them: checkpoint wrappers
+    around the blocks, then each wrapped block compiled (inductor) with fullgraph."""
+    plain, wrapped = random_model(), random_model()
+    torch._dynamo.reset()
+    apply_activation_checkpointing(wrapped, mode, 2)
+    apply_compile(wrapped)
+    for model in (plain, wrapped):
+        model(*inputs()).square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), wrapped.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_compiled_block_equals_eager_block_fullgraph():
     model = random_model()
     block = model.blocks[0]
