@@ -11,6 +11,7 @@ gradient-accumulation steps from the global batch in one place.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,9 @@ def apply_fsdp(model: nn.Module, device: torch.device, cfg: ParallelConfig, comp
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.reshard_after_forward)
+    # PRX returns the final Linear's output, a view of its 2-D matmul; FSDP2 warns that an in-place
+    # op on it would skip its backward hook. The loop and the sampler never write into it.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPPRX\) returned a view tensor")
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device, world_size: int,
