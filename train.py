@@ -42,8 +42,8 @@ from prx.hub import PretrainedMissing
 from prx.lpips import LPIPSLoss
 from prx.model import PRX, count_parameters
 from prx.optim import build_optimizer
-from prx.preemption import StopSignals, signal_name
 from prx.parallel import BatchPlan, parallelize, set_gradient_sync
+from prx.preemption import StopSignals, signal_name
 from prx.repa import RepaProjector, repa_loss, teacher_targets
 from prx.rng import mix_seed, step_generator
 from prx.runlog import LOSS_TERMS, RunLog
