@@ -33,8 +33,8 @@ from prx.data.shards import ShardError
 from prx.data.stream import ImageBatch
 from prx.data.webdata import ShardBatches
 from prx.dino_loss import dino_perceptual_loss
-from prx.ema import EMA
 from prx.distributed import DistInfo, all_reduce_mean, gather_to_main, init_distributed, shutdown
+from prx.ema import EMA
 from prx.evaluate import generate, save_grid
 from prx.flow import T_BIN_NAMES, flow_loss, loss_sums_by_t_bin, sample_timesteps
 from prx.guard import BadStepGuard, OutOfMemory, TooManyBadSteps, out_of_memory_advice
