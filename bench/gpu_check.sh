@@ -85,7 +85,9 @@ for section in $ONLY; do
                 run bench_step $PY bench/bench_step.py $args --steps $steps --out "$OUT/step.csv"
             done ;;
         liger) run bench_liger $PY bench/bench_liger.py $smoke --out-dir "$OUT" ;;
-        tests) run gpu_tests $PY -m pytest -q -m gpu tests ;;
+        tests)  # with pytest-timeout (on the GPU machines), a hung test costs 4 minutes, not the rest
+            per_test=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout=240")
+            run gpu_tests $PY -m pytest -q -m gpu ${per_test:+"$per_test"} tests ;;
         kernels)
             run bench_muon $PY bench/bench_muon.py $smoke --out-dir "$OUT"
             run bench_patchify $PY bench/bench_patchify.py $smoke --out-dir "$OUT"
