@@ -19,7 +19,6 @@ matmul ceiling and peak memory. Appends a row per variant to bench/results/step.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import environment, matmul_tflops  # noqa: E402
+from bench.common import append_csv, environment, matmul_tflops  # noqa: E402
 from prx.config import apply_override, preset  # noqa: E402
 from prx.flow import flow_loss  # noqa: E402
 from prx.model import PRX, training_flops_per_image  # noqa: E402
@@ -46,21 +45,6 @@ def parse_variant(name: str) -> tuple[str, bool]:
     if name not in VARIANTS:
         raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
     return name.removesuffix("-no-mask"), not name.endswith("-no-mask")
-
-
-def append_step_rows(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        with path.open() as f:
-            header = next(csv.reader(f), None)
-        if header != FIELDS:
-            raise SystemExit(f"{path} has the columns {header}, not {FIELDS}; move it aside")
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows({k: row.get(k, "") for k in FIELDS} for row in rows)
 
 
 def main() -> None:
@@ -139,7 +123,7 @@ def main() -> None:
             row.update(mfu=round(flops / sec / 1e12 / ceiling, 3),
                        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
         print(", ".join(f"{k} {v}" for k, v in row.items() if k not in ("date", "git")), flush=True)
-        append_step_rows(Path(args.out), [row])  # row by row: a later variant that fails loses nothing
+        append_csv(Path(args.out), FIELDS, [row])  # row by row: a later variant that fails loses nothing
 
 
 if __name__ == "__main__":

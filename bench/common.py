@@ -116,18 +116,27 @@ def measure_and_record(name: str, cases, device: torch.device, out_dir: str | No
     print(f"rows appended to {append_rows(name, rows, Path(out_dir) if out_dir else None)}")
 
 
-def append_rows(name: str, rows: list[dict], out_dir: Path | None = None) -> Path:
-    """Append rows to `<out_dir>/<name>.csv` (default bench/results/), writing the header once."""
-    path = Path(out_dir or RESULTS) / f"{name}.csv"
+def append_csv(path: Path, fields: list[str], rows: list[dict]) -> Path:
+    """Append rows to the CSV at `path`, writing the header once; a file with other columns is
+    refused (appending would misalign every row)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
+    if not new:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), None)
+        if header != fields:
+            raise SystemExit(f"{path} has the columns {header}, not {fields}; move it aside")
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="raise")
+        writer = csv.DictWriter(f, fieldnames=fields)
         if new:
             writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k, "") for k in FIELDS})
+        writer.writerows({k: row.get(k, "") for k in fields} for row in rows)
     return path
+
+
+def append_rows(name: str, rows: list[dict], out_dir: Path | None = None) -> Path:
+    """Append kernel-benchmark rows to `<out_dir>/<name>.csv` (default bench/results/)."""
+    return append_csv(Path(out_dir or RESULTS) / f"{name}.csv", FIELDS, rows)
 
 
 def format_row(row: dict) -> str:

@@ -38,10 +38,30 @@ def torchrun(nproc: int, *extra: str) -> list[str]:
             "--master-port", str(free_port()), *extra]
 
 
+def train_command(nproc: int, *torchrun_args: str) -> list[str]:
+    return [sys.executable, "train.py"] if nproc == 1 else [*torchrun(nproc, *torchrun_args), "train.py"]
+
+
 def run_train(args, nproc=1, **kwargs):
-    launcher = [sys.executable, "train.py"] if nproc == 1 else [*torchrun(nproc), "train.py"]
-    return subprocess.run(launcher + args, cwd=ROOT, check=True, capture_output=True, text=True,
+    return subprocess.run(train_command(nproc) + args, cwd=ROOT, check=True, capture_output=True, text=True,
                           timeout=300, **kwargs)
+
+
+def run_until(command: list[str], log_path: Path, ready, act) -> tuple[int, str]:
+    """Start `command` (output to a file: a full pipe would stall it), call `act(process)` once
+    `ready()` holds, wait for the exit; returns (exit status, output)."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 240
+            while not ready():
+                assert time.time() < deadline and proc.poll() is None, log_path.read_text()[-3000:]
+                time.sleep(0.05)
+            act(proc)
+            proc.wait(timeout=240)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    return proc.returncode, log_path.read_text()
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -181,24 +201,16 @@ def test_sigkilled_worker_is_restarted_and_resumes(tmp_path):
                     "--set", "model.hidden_dim=128", "--resume", "auto"]
     run_train(args + ["--run-dir", str(tmp_path / "straight")])
     run_dir = tmp_path / "killed"
-    log_path = tmp_path / "torchrun.log"  # a file, not a pipe: a full pipe would stall the run
-    with open(log_path, "w") as log:
-        launcher = torchrun(2, "--max-restarts", "2")  # static rendezvous, as with --master-port
-        proc = subprocess.Popen([*launcher, "train.py", *args, "--run-dir", str(run_dir)],
-                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.time() + 240
-            while not (run_dir / "checkpoints" / "step_00000010").exists():
-                assert time.time() < deadline and proc.poll() is None, log_path.read_text()[-3000:]
-                time.sleep(0.05)
-            victims = worker_pids(run_dir)
-            assert victims, "no worker process found"
-            os.kill(victims[-1], signal.SIGKILL)
-            proc.wait(timeout=240)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
-    out = log_path.read_text()
-    assert proc.returncode == 0, out[-3000:]
+
+    def kill_a_worker(_):
+        victims = worker_pids(run_dir)
+        assert victims, "no worker process found"
+        os.kill(victims[-1], signal.SIGKILL)
+
+    status, out = run_until(train_command(2, "--max-restarts", "2")  # static rendezvous, as with --master-port
+                            + args + ["--run-dir", str(run_dir)], tmp_path / "torchrun.log",
+                            ready=lambda: (run_dir / "checkpoints" / "step_00000010").exists(), act=kill_a_worker)
+    assert status == 0, out[-3000:]
     assert "resumed from" in out
     assert losses(run_dir)[30] == pytest.approx(losses(tmp_path / "straight")[30], rel=1e-4)
 
@@ -209,24 +221,13 @@ def test_sigterm_checkpoints_the_step_in_flight_and_the_run_continues_from_it(tm
     step, they write one checkpoint at the same step and exit; resumed, the run has the losses of
     an uninterrupted one."""
     args = SMALL + ["--resume", "auto"]  # no periodic checkpoints: the stop writes the only one
-    run_dir, log_path = tmp_path / "stopped", tmp_path / "run.log"
-    launcher = [sys.executable, "train.py"] if nproc == 1 else torchrun(nproc)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([*launcher, *([] if nproc == 1 else ["train.py"]), *args, "--steps", "1000",
-                                 "--run-dir", str(run_dir)],
-                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.time() + 240
-            while len(losses(run_dir) if (run_dir / "metrics.jsonl").exists() else {}) < 5:
-                assert time.time() < deadline and proc.poll() is None, log_path.read_text()[-3000:]
-                time.sleep(0.05)
-            os.kill(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=120)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
-    out = log_path.read_text()
+    run_dir = tmp_path / "stopped"
+    status, out = run_until(train_command(nproc) + args + ["--steps", "1000", "--run-dir", str(run_dir)],
+                            tmp_path / "run.log",
+                            ready=lambda: (run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= 5,
+                            act=lambda proc: os.kill(proc.pid, signal.SIGTERM))
     if nproc == 1:
-        assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+        assert status == 128 + signal.SIGTERM, out[-3000:]
     stopped_at = max(losses(run_dir))
     assert stopped_at < 1000 and f"stopped by SIGTERM after step {stopped_at}" in out, out[-3000:]
     assert latest_checkpoint(run_dir).name == f"step_{stopped_at:08d}"
