@@ -25,32 +25,33 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from kernels import patchify_and_noise, unpatchify
-from prx import checkpoint as ckpt
-from prx import liger
+from prx.run import checkpoint as ckpt
+from prx.model import liger
 from prx.config import Config, ConfigError, describe, from_dict, parse_args, save_json
 from prx.data.shapes import ShapesBatches, eval_scenes, make_scene
 from prx.data.shards import ShardError
 from prx.data.stream import ImageBatch
 from prx.data.webdata import ShardBatches
-from prx.dino_loss import dino_perceptual_loss
-from prx.distributed import DistInfo, all_reduce_mean, gather_to_main, init_distributed, shutdown
-from prx.ema import EMA
-from prx.evaluate import generate, save_grid
-from prx.flow import T_BIN_NAMES, flow_loss, loss_sums_by_t_bin, sample_timesteps
-from prx.guard import BadStepGuard, OutOfMemory, TooManyBadSteps, out_of_memory_advice
+from prx.recipe.dino_loss import dino_perceptual_loss
+from prx.run.distributed import DistInfo, all_reduce_mean, gather_to_main, init_distributed, shutdown
+from prx.recipe.ema import EMA
+from prx.eval.grids import save_grid
+from prx.eval.sampling import generate
+from prx.recipe.flow import T_BIN_NAMES, flow_loss, loss_sums_by_t_bin, sample_timesteps
+from prx.run.guard import BadStepGuard, OutOfMemory, TooManyBadSteps, out_of_memory_advice
 from prx.hub import PretrainedMissing
-from prx.lpips import LPIPSLoss
-from prx.model import PRX, count_parameters
+from prx.recipe.lpips import LPIPSLoss
+from prx.model.denoiser import PRX, count_parameters
 from prx.optim import build_optimizer
-from prx.parallel import BatchPlan, parallelize, set_gradient_sync
-from prx.preemption import StopSignals, signal_name
-from prx.repa import RepaProjector, repa_loss, teacher_targets
+from prx.run.parallel import BatchPlan, parallelize, set_gradient_sync
+from prx.run.stop_signals import StopSignals, signal_name
+from prx.recipe.repa import RepaProjector, repa_loss, teacher_targets
 from prx.rng import mix_seed, step_generator
-from prx.runlog import LOSS_TERMS, RunLog
-from prx.shapes_score import chance_score, score_images
-from prx.teachers import load_dino
+from prx.run.runlog import LOSS_TERMS, RunLog
+from prx.eval.shapes_score import chance_score, score_images
+from prx.recipe.teachers import load_dino
 from prx.text import CaptionTable, TextTower, pad_text
-from prx.tread import plan_route, route_seeds
+from prx.model.tread import plan_route, route_seeds
 
 
 def lr_at(step: int, cfg: Config) -> float:

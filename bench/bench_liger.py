@@ -65,7 +65,7 @@ def main() -> None:
     env = environment(device)
     providers = ["torch", "compile"]
     if device.type == "cuda":
-        from prx import liger
+        from prx.model import liger
         from prx.config import ConfigError
 
         try:

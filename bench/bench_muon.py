@@ -32,7 +32,7 @@ from bench.common import append_rows, environment, time_ms  # noqa: E402
 from kernels.newton_schulz import newton_schulz_flops  # noqa: E402
 from kernels.ref import newton_schulz  # noqa: E402
 from prx.config import ModelConfig, preset  # noqa: E402
-from prx.model import PRX  # noqa: E402
+from prx.model.denoiser import PRX  # noqa: E402
 from prx.optim import MuonAdam, NewtonSchulzSchedule, is_muon_parameter  # noqa: E402
 
 

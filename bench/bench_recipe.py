@@ -27,16 +27,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import append_rows, environment, time_ms  # noqa: E402
 from kernels import unpatchify  # noqa: E402
 from prx.config import Config, ModelConfig, preset  # noqa: E402
-from prx.dino_loss import dino_perceptual_loss  # noqa: E402
-from prx.ema import EMA  # noqa: E402
-from prx.flow import flow_loss  # noqa: E402
-from prx.lpips import LPIPS_VGG_CHANNELS, LPIPSLoss, VGG16Features  # noqa: E402
-from prx.model import PRX  # noqa: E402
+from prx.recipe.dino_loss import dino_perceptual_loss  # noqa: E402
+from prx.recipe.ema import EMA  # noqa: E402
+from prx.recipe.flow import flow_loss  # noqa: E402
+from prx.recipe.lpips import LPIPS_VGG_CHANNELS, LPIPSLoss, VGG16Features  # noqa: E402
+from prx.model.denoiser import PRX  # noqa: E402
 from prx.optim import build_optimizer  # noqa: E402
-from prx.parallel import apply_compile  # noqa: E402
-from prx.repa import RepaProjector, repa_loss, teacher_targets  # noqa: E402
-from prx.teachers import FrozenDino  # noqa: E402
-from prx.tread import plan_route, route_seeds  # noqa: E402
+from prx.run.parallel import apply_compile  # noqa: E402
+from prx.recipe.repa import RepaProjector, repa_loss, teacher_targets  # noqa: E402
+from prx.recipe.teachers import FrozenDino  # noqa: E402
+from prx.model.tread import plan_route, route_seeds  # noqa: E402
 
 
 def random_dino(kind: str, size: str, device, dtype) -> FrozenDino:

@@ -31,9 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import append_csv, environment, matmul_tflops  # noqa: E402
 from prx.config import apply_override, preset  # noqa: E402
-from prx.flow import flow_loss  # noqa: E402
-from prx.model import PRX, training_flops_per_image  # noqa: E402
-from prx.parallel import apply_compile  # noqa: E402
+from prx.recipe.flow import flow_loss  # noqa: E402
+from prx.model.denoiser import PRX, training_flops_per_image  # noqa: E402
+from prx.run.parallel import apply_compile  # noqa: E402
 
 FIELDS = ["date", "device", "torch", "git", "preset", "resolution", "batch", "text_tokens", "mask",
           "provider", "fwd_bwd_ms", "ms_per_step", "img_per_s", "tflops", "mfu", "peak_gib"]

@@ -181,7 +181,7 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    """How the model is spread over processes (applied by prx.parallel, never in the model)."""
+    """How the model is spread over processes (applied by prx.run.parallel, never in the model)."""
 
     data_parallel: str = "fsdp"  # fsdp | ddp; used when there is more than one process
     activation_checkpointing: str = "none"  # none | full | selective (every n-th block)

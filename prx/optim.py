@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor
 
 import kernels.newton_schulz as ns_kernels
 from kernels.ref import newton_schulz as newton_schulz_reference
-from prx.parallel import canonical_name
+from prx.run.parallel import canonical_name
 
 # Jordan's quintic (Muon, 2024): one (a, b, c) for every step; it stops short of convergence
 # on purpose (singular values end in about [0.7, 1.2]) for speed in 5 steps.

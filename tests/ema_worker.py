@@ -21,7 +21,7 @@ from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 from torch.distributed.tensor import DTensor, distribute_tensor  # noqa: E402
 
-from prx.ema import EMA  # noqa: E402
+from prx.recipe.ema import EMA  # noqa: E402
 
 DECAY, EVERY, STEPS = 0.9, 3, 7
 

@@ -23,9 +23,9 @@ import torch.distributed as dist  # noqa: E402
 from torch.distributed.tensor import DTensor, distribute_tensor  # noqa: E402
 
 from prx.config import ModelConfig, ParallelConfig, preset  # noqa: E402
-from prx.model import PRX  # noqa: E402
+from prx.model.denoiser import PRX  # noqa: E402
 from prx.optim import build_optimizer  # noqa: E402
-from prx.parallel import apply_fsdp  # noqa: E402
+from prx.run.parallel import apply_fsdp  # noqa: E402
 
 CFG = ModelConfig(patch_size=4, bottleneck_dim=32, hidden_dim=128, depth=3, num_heads=4, text_dim=48,
                   time_embed_dim=64)

@@ -5,7 +5,7 @@ import pickle
 import pytest
 import torch
 
-from prx.checkpoint import (
+from prx.run.checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
     checkpoint_dir,
@@ -95,7 +95,7 @@ def test_pickled_code_is_refused(tmp_path):
 
 
 def test_asynchronous_save_publishes_on_close(tmp_path):
-    from prx.checkpoint import CheckpointWriter
+    from prx.run.checkpoint import CheckpointWriter
 
     model, opt = trained_pair()
     writer = CheckpointWriter(tmp_path, keep=0, asynchronous=True)

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prx.dino_loss import dino_perceptual_loss
-from prx.teachers import load_dino
+from prx.recipe.dino_loss import dino_perceptual_loss
+from prx.recipe.teachers import load_dino
 from tests.tiny_dino import save_tiny_dino
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1)

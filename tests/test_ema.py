@@ -13,7 +13,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from prx.ema import EMA
+from prx.recipe.ema import EMA
 
 ROOT = Path(__file__).resolve().parents[1]
 

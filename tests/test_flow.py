@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from prx.config import FlowConfig
-from prx.flow import (
+from prx.recipe.flow import (
     add_noise,
     euler_sample,
     flow_loss,

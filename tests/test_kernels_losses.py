@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import losses, ref
-from prx.perceptual_weights import LPIPS_VGG_CHANNELS, load_lpips_heads, lpips_weights_path
+from prx.recipe.lpips_heads import LPIPS_VGG_CHANNELS, load_lpips_heads, lpips_weights_path
 
 CUDA = torch.device("cuda")
 
@@ -78,7 +78,7 @@ def test_flow_loss_is_deterministic_and_zero_at_the_target():
 
 
 def test_prx_flow_loss_uses_the_reference_on_cpu_with_weights():
-    from prx.flow import flow_loss
+    from prx.recipe.flow import flow_loss
 
     g = _gen(3)
     x_hat, x = torch.randn(4, 6, 12, generator=g), torch.randn(4, 6, 12, generator=g)
@@ -405,7 +405,7 @@ def test_gpu_inductor_compile_matches_eager():
 
 @pytest.mark.gpu
 def test_gpu_prx_flow_loss_dispatches_to_the_kernel():
-    from prx.flow import flow_loss
+    from prx.recipe.flow import flow_loss
 
     x_hat = torch.randn(2, 16, 48, device=CUDA, requires_grad=True)
     x, t = torch.randn(2, 16, 48, device=CUDA), torch.tensor([0.2, 0.9], device=CUDA)

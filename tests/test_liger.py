@@ -8,7 +8,7 @@ import torch
 
 import train
 from prx.config import ConfigError, ModelConfig
-from prx.model import PRX
+from prx.model.denoiser import PRX
 
 CFG = ModelConfig(patch_size=4, bottleneck_dim=16, hidden_dim=256, depth=2, num_heads=4, text_dim=32,
                   time_embed_dim=32)

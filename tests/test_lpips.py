@@ -10,7 +10,7 @@ from torch import nn
 
 from prx.config import PerceptualConfig
 from prx.hub import PretrainedMissing
-from prx.lpips import LPIPSLoss, LPIPSWeightsMissing, downsample, load_vgg16_features
+from prx.recipe.lpips import LPIPSLoss, LPIPSWeightsMissing, downsample, load_vgg16_features
 
 # torchvision vgg16().features: (index, in, out) of each 3x3 conv; ReLU after each; 2x2 max-pools
 # at 4, 9, 16, 23 (i.e. before the convs at 5, 10, 17, 24); LPIPS taps the ReLUs of 2, 7, 14, 21, 28.

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from prx.attention import KeyPadding, apply_rope, attention, grid_positions, rope_angles
+from prx.model.attention import KeyPadding, apply_rope, attention, grid_positions, rope_angles
 from prx.config import ModelConfig, prx_small_1024, prx_small_512, tiny
-from prx.model import PRX, count_parameters
+from prx.model.denoiser import PRX, count_parameters
 
 SMALL = ModelConfig(patch_size=4, bottleneck_dim=16, hidden_dim=64, depth=2, num_heads=4,
                     mlp_ratio=3.5, text_dim=24, time_embed_dim=32)
@@ -147,7 +147,7 @@ def test_gradients_reach_every_parameter():
 
 
 def test_flop_count_matches_the_recipe():
-    from prx.model import training_flops_per_image
+    from prx.model.denoiser import training_flops_per_image
 
     flops = training_flops_per_image(prx_small_1024().model, image_tokens=1024, text_tokens=256)
     assert flops / 1e12 == pytest.approx(5.23, abs=0.01)

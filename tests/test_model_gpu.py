@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from prx.attention import KeyPadding, attention, resolve_backend
+from prx.model.attention import KeyPadding, attention, resolve_backend
 
 pytestmark = pytest.mark.gpu
 

@@ -11,9 +11,9 @@ from torch import nn
 
 from kernels.ref import newton_schulz
 from prx.config import ModelConfig, preset
-from prx.model import PRX
+from prx.model.denoiser import PRX
 from prx.optim import MuonAdam, NewtonSchulzSchedule, build_optimizer, is_muon_parameter
-from prx.parallel import apply_activation_checkpointing
+from prx.run.parallel import apply_activation_checkpointing
 from tests.test_parallel import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]

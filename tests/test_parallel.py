@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from prx.checkpoint import latest_checkpoint
+from prx.run.checkpoint import latest_checkpoint
 from prx.config import ConfigError, ModelConfig
-from prx.guard import BadStepGuard, TooManyBadSteps
-from prx.model import PRX
-from prx.parallel import BatchPlan, apply_activation_checkpointing, apply_compile
+from prx.run.guard import BadStepGuard, TooManyBadSteps
+from prx.model.denoiser import PRX
+from prx.run.parallel import BatchPlan, apply_activation_checkpointing, apply_compile
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--set", "model.hidden_dim=64", "--set", "model.num_heads=4", "--set", "model.depth=2",
@@ -124,7 +124,7 @@ def test_compiled_block_equals_eager_block_fullgraph():
     x, t, text, mask, grid = inputs()
     img, txt, cond = model.img_in(x), model.txt_in(text), torch.nn.functional.silu(model.time_in(t))
     cos, sin = model.rope_tables(*grid, device=x.device)
-    from prx.attention import KeyPadding
+    from prx.model.attention import KeyPadding
 
     pad = KeyPadding.build(mask, img.shape[1], "sdpa")
     eager = block(img, txt, cond, cos, sin, pad)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import train
-from prx.checkpoint import load_model_weights, read_meta
+from prx.run.checkpoint import load_model_weights, read_meta
 from prx.config import from_dict
-from prx.model import PRX
+from prx.model.denoiser import PRX
 from tests.test_lpips import CHANNELS, vgg16_state
 from tests.tiny_dino import save_tiny_dino
 

@@ -2,7 +2,7 @@
 
 `reference_forward` below is written from RECIPE section 1 and the reference's parameter names
 alone (plain tensor ops, explicit loops over heads, complex-number RoPE, explicit masks), not
-from prx/model.py. If the converter or the model got a layout wrong (q/k/v order, head order,
+from prx/model/denoiser.py. If the converter or the model got a layout wrong (q/k/v order, head order,
 RoPE axis or pairing, modulation chunk order, patch flattening), the outputs would differ.
 """
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from prx.config import ModelConfig
-from prx.model import PRX
-from prx.reference_weights import (
+from prx.model.denoiser import PRX
+from prx.model.reference_weights import (
     convert_reference_state_dict,
     load_reference_state_dict,
     read_weights_file,

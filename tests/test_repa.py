@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from prx.repa import RepaProjector, repa_loss, teacher_targets
-from prx.teachers import load_dino
+from prx.recipe.repa import RepaProjector, repa_loss, teacher_targets
+from prx.recipe.teachers import load_dino
 from tests.tiny_dino import save_tiny_dino
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from prx.data.shapes import (ANCHORS, COLORS, PAIR_GAP, POSITION_PHRASES, POSITION_WORDS,
                              POSITIONS, SHAPE_WORDS, SHAPES, SIZE_WORDS, Scene,
                              ShapesDataset, collate, coverage, eval_scenes, make_scene, render_scene)
-from prx.shapes_score import ShapesScore, chance_score, score_images, uniform_chance
+from prx.eval.shapes_score import ShapesScore, chance_score, score_images, uniform_chance
 
 N_STATS = 2000  # training scenes for frequency checks: ~2800 objects, ~400 per color
 BALANCE_SIGMAS = 4.5  # per-item count tolerance: a real bias (e.g. +25 %) is ~5 std here

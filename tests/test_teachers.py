@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from prx.hub import PretrainedMissing
-from prx.repa import RepaProjector
-from prx.teachers import FrozenDino, TeacherMissing, load_dino, teacher_input_size
+from prx.recipe.repa import RepaProjector
+from prx.recipe.teachers import FrozenDino, TeacherMissing, load_dino, teacher_input_size
 from tests.tiny_dino import fake_hub_cache, save_tiny_dino
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import train
-from prx import sample
-from prx.checkpoint import load_model_weights, read_meta
+from prx.eval import sample
+from prx.run.checkpoint import load_model_weights, read_meta
 from prx.config import from_dict
-from prx.model import PRX
+from prx.model.denoiser import PRX
 from tests.test_parallel import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,10 +88,10 @@ def test_out_of_memory_names_the_settings_that_lower_it(tmp_path):
     """A step that runs out of device memory stops with exit status 2 and one message naming a
     smaller micro-batch (the global batch kept) and activation checkpointing. The error is raised
     by the model's forward, as CUDA raises it, through the real command line."""
-    inject = ("import runpy, sys, torch, prx.model\n"
+    inject = ("import runpy, sys, torch, prx.model.denoiser\n"
               "def forward(*args, **kwargs):\n"
               "    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB')\n"
-              "prx.model.PRX.forward = forward\n"
+              "prx.model.denoiser.PRX.forward = forward\n"
               "sys.argv = ['train.py'] + sys.argv[1:]\n"
               "runpy.run_path('train.py', run_name='__main__')\n")
     proc = subprocess.run([sys.executable, "-c", inject, *SMALL, "--run-dir", str(tmp_path), "--steps", "2",

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from prx.config import ModelConfig, TreadConfig, preset
-from prx.evaluate import generate
-from prx.model import PRX, KeyPadding
-from prx.tread import TokenRoute, kept_count, plan_route, route_seeds, self_guided
+from prx.eval.sampling import generate
+from prx.model.denoiser import PRX, KeyPadding
+from prx.model.tread import TokenRoute, kept_count, plan_route, route_seeds, self_guided
 
 CFG = ModelConfig(patch_size=4, bottleneck_dim=16, hidden_dim=64, depth=4, num_heads=4, text_dim=24,
                   time_embed_dim=32, attention="math")  # the hand computation below uses "math" too

@@ -5,7 +5,7 @@ no pretrained network anywhere -- including in the evaluation. This module provi
 both halves of that: an infinite, deterministic stream of images of one or two flat
 shapes on a plain background with varied English captions, and a balanced held-out set
 of evaluation scenes. Because every scene is fully described by a small set of discrete
-attributes (color, shape, position), ``prx.shapes_score`` can check whether a generated
+attributes (color, shape, position), ``prx.eval.shapes_score`` can check whether a generated
 image follows its prompt with simple pixel statistics.
 
 Design choices (all aimed at a tiny model at 32 px being able to learn, and a scorer

@@ -9,7 +9,7 @@ on CPU).
 
 The VGG16 weights are torchvision's ImageNet file (`vgg16-397923af.pth`, a plain state dict), read
 without torchvision: `VGG16Features` names its layers exactly like torchvision's `vgg16().features`
-so that file loads as is. The heads come from `prx.perceptual_weights.load_lpips_heads`.
+so that file loads as is. The heads come from `prx.recipe.lpips_heads.load_lpips_heads`.
 
 The VGG is frozen (no parameter requires grad) and `LPIPSLoss` is not an nn.Module, so it stays
 out of the model's state dict, optimizer and FSDP wherever it is kept. Gradient reaches x_hat only.
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 import kernels
 from prx.hub import PretrainedMissing
-from prx.perceptual_weights import LPIPS_VGG_CHANNELS, load_lpips_heads
+from prx.recipe.lpips_heads import LPIPS_VGG_CHANNELS, load_lpips_heads
 
 VGG16_FILE = "vgg16-397923af.pth"
 VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILE}"
@@ -137,7 +137,7 @@ class LPIPSLoss:
     per_sample: d_b (B,), fp32, unweighted and unmasked, for per-t logging. Masked samples still
     run through the VGG: static shapes beat the saving when t_max < 1 (PRX default: 1).
 
-    Deliberately not an nn.Module (like `prx.teachers.FrozenDino`): kept as an attribute of the
+    Deliberately not an nn.Module (like `prx.recipe.teachers.FrozenDino`): kept as an attribute of the
     model or the trainer, its VGG registers nowhere, so it stays out of state_dict (checkpoints),
     .parameters() (the optimizer), .train(), FSDP and the model's .to(). Use `.to()` here.
     """

@@ -1,7 +1,7 @@
 """DINO perceptual loss on the x-prediction (PixelGen; RECIPE section 5), as an explicit call.
 
 Per sample: mean over patch tokens of 1 - cos(f(x-hat), f(x)), f a frozen DINOv2 ViT-B/14 with
-registers (`prx.teachers.load_dino(cfg.perceptual.dino_teacher, ...)`) on the image mapped to
+registers (`prx.recipe.teachers.load_dino(cfg.perceptual.dino_teacher, ...)`) on the image mapped to
 [0, 1] (clamped), resized to resolution x resolution bilinearly, ImageNet-normalised. The target
 branch runs under no_grad (half the activation memory, no backward through it); the x-hat
 branch keeps its graph, so the gradient reaches x-hat through the frozen encoder.
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from prx.teachers import FrozenDino, images_to_01
+from prx.recipe.teachers import FrozenDino, images_to_01
 
 
 def _encoder_input(images: torch.Tensor, resolution: int) -> torch.Tensor:

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from prx.distributed import barrier, process_rank
+from prx.run.distributed import barrier, process_rank
 
 # Single-process runs save and load without a process group, which DCP announces every time.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")

@@ -1,5 +1,5 @@
 """Process setup for `python train.py` and `torchrun train.py`: rank, world size, device,
-and the few collectives the loop needs. How the model is spread over ranks is `prx.parallel`.
+and the few collectives the loop needs. How the model is spread over ranks is `prx.run.parallel`.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from prx.parallel import canonical_name
+from prx.run.parallel import canonical_name
 
 
 def _reshard(model: nn.Module) -> None:

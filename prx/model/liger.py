@@ -4,7 +4,7 @@ An option, not the default: its Triton kernels run on CUDA GPUs only (not under 
 interpreter), and whether they beat the per-block compiled torch ops at PRX's shapes is what
 `bench/bench_liger.py` measures; the default follows that measurement. The functions here keep
 the model's math: GeGLU with the tanh GELU, RMSNorm computed wholly in fp32 ("gemma" casting,
-as `prx.model.RMSNorm`), LayerNorm without affine (unit weight, zero bias).
+as `prx.model.denoiser.RMSNorm`), LayerNorm without affine (unit weight, zero bias).
 """
 
 from __future__ import annotations

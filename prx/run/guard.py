@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from prx.config import Config
-from prx.parallel import BatchPlan
+from prx.run.parallel import BatchPlan
 
 
 class TooManyBadSteps(RuntimeError):

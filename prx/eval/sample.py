@@ -1,6 +1,6 @@
 """Generate images from a trained checkpoint.
 
-    python -m prx.sample --checkpoint runs/tiny/checkpoints/step_00002000 \
+    python -m prx.eval.sample --checkpoint runs/tiny/checkpoints/step_00002000 \
         --prompt "a red circle on the left" --prompt "a blue square at the top" --out samples/
 
 Writes one PNG per prompt (and per --count) plus a captioned grid. The model and text encoder
@@ -13,11 +13,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from prx.checkpoint import CheckpointError, load_model_weights, read_meta
+from prx.run.checkpoint import CheckpointError, load_model_weights, read_meta
 from prx.config import from_dict
-from prx.distributed import pick_device
-from prx.evaluate import generate, save_grid, save_images
-from prx.model import PRX
+from prx.run.distributed import pick_device
+from prx.eval.grids import save_grid, save_images
+from prx.eval.sampling import generate
+from prx.model.denoiser import PRX
 from prx.hub import PretrainedMissing
 from prx.text import TextTower
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prx.attention import (
+from prx.model.attention import (
     KeyPadding,
     apply_rope,
     at_least_fp32,
@@ -26,9 +26,9 @@ from prx.attention import (
     resolve_backend,
     rope_angles,
 )
-from prx import liger
+from prx.model import liger
 from prx.config import ModelConfig
-from prx.tread import TokenRoute
+from prx.model.tread import TokenRoute
 
 NORM_EPS = 1e-6
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from prx.model import PRX
+from prx.model.denoiser import PRX
 
 # reference name -> ours; "{i}" stands for a block index.
 _RENAMES = {

@@ -7,7 +7,7 @@ only the kept tokens (B, K, C) and `keep_idx` (B, K) picks the same tokens of th
 
 The projector is an ordinary module with parameters that the denoiser owns (so it shares the
 denoiser's data parallelism, optimizer group (Adam) and checkpoints); the teacher (a
-`prx.teachers.FrozenDino`) is kept apart, in none of them.
+`prx.recipe.teachers.FrozenDino`) is kept apart, in none of them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from prx.teachers import FrozenDino, images_to_01, teacher_input_size
+from prx.recipe.teachers import FrozenDino, images_to_01, teacher_input_size
 
 
 class RepaProjector(nn.Module):
