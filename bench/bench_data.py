@@ -7,8 +7,8 @@ fields plus grain, ~1.5-2 bits per pixel). Both resolutions read the same files,
 and 1024 px stages of the 24 h run do. Each provider goes through the trainer's own loader
 (`ShardBatches`, batch 16, aspect buckets), so reading, cropping and collation are included.
 
-    python bench/bench_data.py                 # rows -> bench/results/data.csv
-    python bench/bench_data.py --out OUT/data.csv --images 64
+    python -m bench.bench_data                 # rows -> bench/results/data.csv
+    python -m bench.bench_data --out OUT/data.csv --images 64
 
 Rows: op "data", shape "<res>px", provider pillow-1proc (decode in the main process: one core),
 pillow-<n>workers (DataLoader workers over all cores; on a shared 2-core machine they also compete with the main process), dali-cpu, dali-gpu; ms per image, and img/s in the note.
@@ -29,11 +29,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import append_rows, environment  # noqa: E402
-from prx.config import DataConfig  # noqa: E402
-from prx.data.webdata import ShardBatches  # noqa: E402
+from bench.common import append_rows, environment
+from prx.config import DataConfig
+from prx.data.webdata import ShardBatches
 
 BATCH = 16
 

@@ -1,7 +1,7 @@
 """Liger-Kernel's GeGLU, RMSNorm and LayerNorm against the denoiser's torch ops, eager and compiled.
 
-    python bench/bench_liger.py           # GPU: PRX small at 1024 px, batch 16, bf16
-    python bench/bench_liger.py --smoke   # CPU: tiny shapes, torch and compile only
+    python -m bench.bench_liger           # GPU: PRX small at 1024 px, batch 16, bf16
+    python -m bench.bench_liger --smoke   # CPU: tiny shapes, torch and compile only
 
 Each op runs forward + backward (mode "full") at the shapes of one PRX small step: GeGLU on the
 MLP's (16 x 1024, 6272) gate and up; RMSNorm on q/k heads (16 x 1024 x 28, 64) in fp32 math;
@@ -13,15 +13,11 @@ compile their blocks) is faster here. Rows go to bench/results/liger.csv.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import append_rows, environment, time_ms  # noqa: E402
+from bench.common import append_rows, environment, time_ms
 
 
 def torch_geglu(gate, up):
@@ -65,8 +61,8 @@ def main() -> None:
     env = environment(device)
     providers = ["torch", "compile"]
     if device.type == "cuda":
-        from prx.model import liger
         from prx.config import ConfigError
+        from prx.model import liger
 
         try:
             liger.check_available(device)

@@ -1,9 +1,10 @@
-"""Benchmark the fused losses (kernels/losses.py) against their reference, eager and compiled.
+"""Benchmark the fused losses (kernels/flow_matching.py, lpips_head.py, cosine.py) against their
+references, eager and compiled.
 
-    python bench/bench_losses.py                       # GPU: the recipe's shapes, bf16
-    python bench/bench_losses.py --smoke --out-dir /tmp/b   # CPU: tiny shapes, interpreter
+    python -m bench.bench_losses                       # GPU: the recipe's shapes, bf16
+    python -m bench.bench_losses --smoke --out-dir /tmp/b   # CPU: tiny shapes, interpreter
 
-Ops and shapes (batch 16, RECIPE sections 2, 4, 5):
+Ops and shapes (batch 16, docs/recipe.md sections 2, 4, 5):
   flow    x-hat bf16 / x fp32 patches at 512 px (256 x 3072) and 1024 px (1024 x 3072)
   lpips   the five VGG16 LPIPS layers of images downsampled 0.5x (256 px and 512 px inputs:
           relu1_2 ... relu5_3 at full, 1/2, 1/4, 1/8, 1/16 of that), bf16, summed
@@ -18,7 +19,6 @@ bandwidth. Rows go to <out-dir>/losses.csv (default bench/results/).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,14 +27,9 @@ from typing import Callable
 import torch
 import torch._functorch.config as functorch_config
 
-if not torch.cuda.is_available():  # before triton is imported: kernels run in the interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.common import append_rows, copy_bandwidth_gbps, environment, format_row, time_ms  # noqa: E402
-from kernels import losses, ref  # noqa: E402
+import kernels
+from bench.common import append_rows, copy_bandwidth_gbps, environment, format_row, time_ms
+from kernels import ref
 
 LPIPS_CHANNELS = (64, 128, 256, 512, 512)
 
@@ -65,7 +60,7 @@ def flow_case(batch: int, tokens: int, dim: int, device, lowp) -> Case:
     return Case(
         "flow_loss", f"{batch}x{tokens}x{dim}", f"{lowp}/fp32".replace("torch.", ""), make,
         {"ref": lambda xh, x, t: ref.flow_loss(xh, x, t)[0],
-         "triton": lambda xh, x, t: losses.flow_loss(xh, x, t)[0]},
+         "triton": lambda xh, x, t: kernels.flow_loss(xh, x, t)[0]},
         _nbytes(x_hat, x), 2 * _nbytes(x_hat) + _nbytes(x),
     )
 
@@ -94,7 +89,8 @@ def lpips_case(batch: int, size: int, device, dtype) -> Case:
     return Case(
         "lpips_5layers", f"{batch}x3x{2 * size}px/2", str(dtype).replace("torch.", ""), make,
         {"ref": lambda leaf, targets, weights: ref.lpips_distance(split(leaf, targets), targets, weights).mean(),
-         "triton": lambda leaf, targets, weights: losses.lpips_distance(split(leaf, targets), targets, weights).mean()},
+         "triton": lambda leaf, targets, weights: kernels.lpips_distance(split(leaf, targets), targets,
+                                                                        weights).mean()},
         2 * _nbytes(leaf), 3 * _nbytes(leaf),
     )
 
@@ -109,7 +105,7 @@ def cosine_case(batch: int, tokens: int, dim: int, device, dtype) -> Case:
     return Case(
         "cosine_align", f"{batch}x{tokens}x{dim}", str(dtype).replace("torch.", ""), make,
         {"ref": lambda a, b: -0.5 * ref.cosine_alignment(a, b)[0],
-         "triton": lambda a, b: -0.5 * losses.cosine_alignment(a, b)[0]},
+         "triton": lambda a, b: -0.5 * kernels.cosine_alignment(a, b)[0]},
         2 * _nbytes(a), 3 * _nbytes(a),
     )
 
@@ -132,22 +128,28 @@ def measure(case: Case, providers: list[str], modes: list[str], device, reps: in
         fns["compile"] = torch.compile(case.loss["ref"], fullgraph=True, dynamic=False)
     rows = []
     for provider in providers:
-        fn = fns[provider]
-        loss = fn(leaf, *args)  # warm up (and compile) outside the timing
-        torch.autograd.grad(loss, leaf)
-        timed = {
-            "fwd": lambda: fn(leaf, *args),
-            "bwd": lambda: torch.autograd.grad(loss, leaf, retain_graph=True),
-            "full": lambda: torch.autograd.grad(fn(leaf, *args), leaf),
-        }
-        for mode in modes:
-            if mode == "bwd":
-                loss = fn(leaf, *args)
-            ms = time_ms(timed[mode], device, reps)
-            nbytes = {"fwd": case.fwd_bytes, "bwd": case.bwd_bytes, "full": case.fwd_bytes + case.bwd_bytes}[mode]
-            rows.append({"op": case.op, "shape": case.shape, "dtype": case.dtype, "mode": mode,
-                         "provider": provider, "ms": ms, "gbps": nbytes / (ms * 1e-3) / 1e9})
-        del loss
+        with kernels.pinned("triton" if provider == "triton" else "auto"):  # the CPU smoke: the interpreter
+            rows += _measure_provider(case, provider, fns[provider], leaf, args, modes, device, reps)
+    return rows
+
+
+def _measure_provider(case: Case, provider: str, fn, leaf, args, modes, device, reps) -> list[dict]:
+    """fwd, bwd (on a retained graph of a fresh forward) and full of one provider."""
+    loss = fn(leaf, *args)  # warm up (and compile) outside the timing
+    torch.autograd.grad(loss, leaf)
+    timed = {
+        "fwd": lambda: fn(leaf, *args),
+        "bwd": lambda: torch.autograd.grad(loss, leaf, retain_graph=True),
+        "full": lambda: torch.autograd.grad(fn(leaf, *args), leaf),
+    }
+    rows = []
+    for mode in modes:
+        if mode == "bwd":
+            loss = fn(leaf, *args)
+        ms = time_ms(timed[mode], device, reps)
+        nbytes = {"fwd": case.fwd_bytes, "bwd": case.bwd_bytes, "full": case.fwd_bytes + case.bwd_bytes}[mode]
+        rows.append({"op": case.op, "shape": case.shape, "dtype": case.dtype, "mode": mode,
+                     "provider": provider, "ms": ms, "gbps": nbytes / (ms * 1e-3) / 1e9})
     return rows
 
 

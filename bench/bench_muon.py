@@ -1,13 +1,13 @@
 """Time the Muon optimizer step on the block matrices of PRX small (random gradients).
 
-    python bench/bench_muon.py            # GPU: the 112 matrices of prx_small, bf16 Newton-Schulz
-    python bench/bench_muon.py --smoke    # CPU: a 2-block, 64-wide model (kernels under the interpreter)
+    python -m bench.bench_muon            # GPU: the 112 matrices of prx_small, bf16 Newton-Schulz
+    python -m bench.bench_muon --smoke    # CPU: a 2-block, 64-wide model (kernels under the interpreter)
 
-Providers, all the same math (RECIPE section 6) and measured in the same run:
+Providers, all the same math (docs/recipe.md section 6) and measured in the same run:
   reference  per-matrix Newton-Schulz in eager torch (how the reference code runs it: 141 ms on
-             an H200, RECIPE section 9)
+             an H200, docs/recipe.md section 9)
   compile    matrices batched by shape, torch.compile of the batched reference (97 ms there)
-  triton     batched by shape, the symmetric Triton kernels (kernels/newton_schulz.py)
+  triton     batched by shape, the symmetric Triton kernels (kernels/muon.py)
 Each step is the whole Muon update: momentum, Nesterov, Newton-Schulz, scaled parameter update.
 Reports ms per step and the nominal Newton-Schulz TFLOP/s (48 TFLOP per step at PRX small,
 counted as full products, as the recipe counts it). Appends rows to bench/results/muon.csv.
@@ -17,23 +17,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
-from pathlib import Path
 
 import torch
 
-if "--smoke" in sys.argv and not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import append_rows, environment, time_ms  # noqa: E402
-from kernels.newton_schulz import newton_schulz_flops  # noqa: E402
-from kernels.ref import newton_schulz  # noqa: E402
-from prx.config import ModelConfig, preset  # noqa: E402
-from prx.model.denoiser import PRX  # noqa: E402
-from prx.optim import MuonAdam, NewtonSchulzSchedule, is_muon_parameter  # noqa: E402
+import kernels
+from bench.common import append_rows, environment, time_ms
+from kernels.muon import newton_schulz_flops
+from kernels.ref import newton_schulz
+from prx.config import ModelConfig, preset
+from prx.model.denoiser import PRX
+from prx.optim import MuonAdam, NewtonSchulzSchedule, is_muon_parameter
 
 
 def block_matrices(cfg: ModelConfig, device: torch.device) -> list[torch.nn.Parameter]:
@@ -91,9 +84,12 @@ def main() -> None:
         else:
             group = dict(params=params, kind="muon", momentum=0.95, nesterov=True, update_scale=0.2,
                          weight_decay=0.0)
-            optimizer = MuonAdam([group], lr=1e-4, schedule=schedule, backend=provider)
+            batched = (torch.compile(newton_schulz, dynamic=False) if provider == "compile"
+                       else kernels.newton_schulz)  # triton: the trainer's own road
+            optimizer = MuonAdam([group], lr=1e-4, schedule=schedule, newton_schulz=batched)
             step = optimizer.step
-        ms = time_ms(step, device, reps=10 if device.type == "cuda" else 3)
+        with kernels.pinned("triton" if provider == "triton" else "auto"):  # the CPU smoke: the interpreter
+            ms = time_ms(step, device, reps=10 if device.type == "cuda" else 3)
         baseline = baseline or (ms if provider == "reference" else None)
         row = {**env, "op": "muon_step", "shape": shape, "dtype": "bf16", "mode": "step", "provider": provider,
                "ms": round(ms, 3), "tflops": round(flops / (ms * 1e-3) / 1e12, 1),

@@ -1,7 +1,7 @@
 """Benchmark the fused patchify + noise and unpatchify kernels against their references.
 
-    python bench/bench_patchify.py                                # GPU: 512 and 1024 px, batch 16
-    python bench/bench_patchify.py --smoke --out-dir /tmp/bench  # CPU: tiny shape, interpreter
+    python -m bench.bench_patchify                                # GPU: 512 and 1024 px, batch 16
+    python -m bench.bench_patchify --smoke --out-dir /tmp/bench  # CPU: tiny shape, interpreter
 
 Providers: torch (eager reference), compile (torch.compile of the reference: the honest
 baseline), triton; plus `copy`, a device copy of the same number of bytes. GB/s counts the
@@ -14,21 +14,12 @@ runs (a patchify of the image gradient). Rows go to <out-dir>/patchify.csv.
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-from pathlib import Path
-
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import measure_and_record  # noqa: E402
-from kernels import patchify as kp  # noqa: E402
-from kernels import ref  # noqa: E402
+import kernels
+from bench.common import kernel_bench_arguments, measure_and_record
+from kernels import patchify as kp
+from kernels import ref
 
 
 def unfused_with_randn(images, t, p):
@@ -59,15 +50,15 @@ def cases(batch, size, p, device, names):
     yield "patchify_noise", "seeds", pixels * (1 + 2 + 2), pick({
         "torch": lambda: unfused_with_randn(images, t, p),
         "compile": lambda: compiled["randn"](images, t, p),
-        "triton": lambda: kp.patchify_and_noise(images, t, p, seeds=seeds, out_dtype=torch.bfloat16)})
+        "triton": lambda: kernels.patchify_and_noise(images, t, p, seeds=seeds, out_dtype=torch.bfloat16)})
     yield "patchify_noise", "noise", pixels * (1 + 4 + 2 + 2), pick({
         "torch": lambda: ref.patchify_and_noise(images, t, p, noise=noise, out_dtype=torch.bfloat16),
         "compile": lambda: compiled["noise"](images, t, p, noise=noise, out_dtype=torch.bfloat16),
-        "triton": lambda: kp.patchify_and_noise(images, t, p, noise=noise, out_dtype=torch.bfloat16)})
+        "triton": lambda: kernels.patchify_and_noise(images, t, p, noise=noise, out_dtype=torch.bfloat16)})
     yield "unpatchify", "fwd", pixels * 2 * 2, pick({
         "torch": lambda: ref.unpatchify(patches, p, size, size),
         "compile": lambda: compiled["unpatchify"](patches, p, size, size),
-        "triton": lambda: kp.unpatchify(patches, p, size, size)})
+        "triton": lambda: kernels.unpatchify(patches, p, size, size)})
     yield "unpatchify", "bwd", pixels * 2 * 2, pick({
         "torch": lambda: ref.patchify(grad_images, p),
         "compile": lambda: compiled["patchify"](grad_images, p),
@@ -75,11 +66,7 @@ def cases(batch, size, p, device, names):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny shape (CPU: the Triton interpreter)")
-    parser.add_argument("--providers", default="torch,compile,triton")
-    parser.add_argument("--out-dir", default=None, help="CSV folder (default bench/results/)")
-    args = parser.parse_args()
+    args = kernel_bench_arguments(__doc__.splitlines()[0])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     names = args.providers.split(",")
     shapes = [(2, 64, 32)] if args.smoke else [(16, 512, 32), (16, 1024, 32)]

@@ -1,12 +1,12 @@
 """Time the full-recipe training step and what each piece of the recipe costs.
 
-    python bench/bench_recipe.py              # GPU: prx_small at 512 px, batch 32, compiled blocks
-    python bench/bench_recipe.py --smoke      # CPU: a small model and small teachers
+    python -m bench.bench_recipe              # GPU: prx_small at 512 px, batch 32, compiled blocks
+    python -m bench.bench_recipe --smoke      # CPU: a small model and small teachers
 
 The step is train.py's: TREAD (2 -> 12, 50 %), REPA on block 7 with a DINOv3 ViT-L/16-sized
 teacher, LPIPS-VGG16 at 0.5x, DINOv2-B/14 perceptual loss at 224 px, gradient clip 0.2, Muon +
 Adam, EMA. Teachers have random weights: only their cost matters here (as in the reference's
-measurement, RECIPE section 9: 262.5 ms, 122 img/s, 29.8 GiB on an H200).
+measurement, docs/recipe.md section 9: 262.5 ms, 122 img/s, 29.8 GiB on an H200).
 
 The breakdown is by ablation, measured in the same run: the cost of a piece is the full step
 minus the step without it (TREAD's is negative: it saves work); the optimizer is timed alone.
@@ -17,26 +17,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import append_rows, environment, time_ms  # noqa: E402
-from kernels import unpatchify  # noqa: E402
-from prx.config import Config, ModelConfig, preset  # noqa: E402
-from prx.recipe.dino_loss import dino_perceptual_loss  # noqa: E402
-from prx.recipe.ema import EMA  # noqa: E402
-from prx.recipe.flow import flow_loss  # noqa: E402
-from prx.recipe.lpips import LPIPS_VGG_CHANNELS, LPIPSLoss, VGG16Features  # noqa: E402
-from prx.model.denoiser import PRX  # noqa: E402
-from prx.optim import build_optimizer  # noqa: E402
-from prx.run.parallel import apply_compile  # noqa: E402
-from prx.recipe.repa import RepaProjector, repa_loss, teacher_targets  # noqa: E402
-from prx.recipe.teachers import FrozenDino  # noqa: E402
-from prx.model.tread import plan_route, route_seeds  # noqa: E402
+import kernels
+from bench.common import append_rows, environment, time_ms
+from prx.config import Config, ModelConfig, preset
+from prx.model.denoiser import PRX
+from prx.model.tread import plan_route, route_seeds
+from prx.optim import build_optimizer
+from prx.recipe.ema import EMA
+from prx.recipe.loss_terms import Teachers, micro_batch_loss
+from prx.recipe.lpips import LPIPS_VGG_CHANNELS, LPIPSLoss, VGG16Features
+from prx.recipe.repa import RepaProjector
+from prx.recipe.teachers import FrozenDino
+from prx.run.parallel import apply_compile
 
 
 def random_dino(kind: str, size: str, device, dtype) -> FrozenDino:
@@ -58,17 +53,15 @@ def random_lpips(device, dtype) -> LPIPSLoss:
     return LPIPSLoss(VGG16Features().to(device, dtype), heads).to(device, dtype)
 
 
-def make_step(cfg: Config, model, optimizer, ema, teachers, batch: int, device, autocast):
-    """One training step of train.py's loop on random data (uint8 images, padded text)."""
-    repa_teacher, lpips, dino_teacher = teachers
+def make_step(cfg: Config, model, optimizer, ema, teachers: Teachers, batch: int, device, autocast):
+    """One training step of train.py's loop on random data (uint8 images, padded text), with the
+    loop's own loss-terms call."""
     res, p = cfg.data.resolution, cfg.model.patch_size
     grid = (res // p, res // p)
     g = torch.Generator(device=device).manual_seed(0)
     images = torch.randint(0, 256, (batch, 3, res, res), device=device, dtype=torch.uint8, generator=g)
-    x = images.float().div(127.5).sub(1).reshape(batch, 3, grid[0], p, grid[1], p)
-    x = x.permute(0, 2, 4, 1, 3, 5).reshape(batch, grid[0] * grid[1], -1)
-    x_t = torch.randn_like(x)
     t = torch.rand(batch, device=device, generator=g)
+    x_t, x = kernels.patchify_and_noise(images, t, p, seeds=torch.arange(batch, device=device))
     text = torch.randn(batch, cfg.text.max_tokens, cfg.model.text_dim, device=device, generator=g)
     mask = torch.arange(cfg.text.max_tokens, device=device)[None] < torch.randint(
         cfg.text.max_tokens // 4, cfg.text.max_tokens + 1, (batch, 1), device=device, generator=g)
@@ -77,21 +70,10 @@ def make_step(cfg: Config, model, optimizer, ema, teachers, batch: int, device, 
     def step():
         k = next(counter)
         route = plan_route(cfg.tread, cfg.model.depth, x.shape[1], route_seeds(0, k, list(range(batch)), device))
-        targets = teacher_targets(repa_teacher, images, grid) if repa_teacher else None
+        targets = teachers.repa_targets(images, grid)
         with autocast:
-            out = model(x_t, t, text, mask, grid, route=route, capture=cfg.repa.block if repa_teacher else None)
-        x_hat, aligned = out if repa_teacher else (out, None)
-        loss = flow_loss(x_hat, x, t)[0]
-        if repa_teacher:
-            loss = loss + repa_loss(aligned, targets, route.keep_idx if route else None, cfg.repa.weight)
-        if lpips or dino_teacher:
-            x_hat_image, x_image = (unpatchify(z, p, res, res) for z in (x_hat, x))
-            if lpips:
-                loss = loss + lpips(x_hat_image, x_image, t)[0]
-            if dino_teacher:
-                loss = loss + cfg.perceptual.dino_weight * dino_perceptual_loss(
-                    dino_teacher, x_hat_image, x_image, cfg.perceptual.dino_resolution).mean()
-        loss.backward()
+            out = model(x_t, t, text, mask, grid, route=route, capture=cfg.repa.block if teachers.repa else None)
+        micro_batch_loss(cfg, out, x, t, (res, res), teachers, targets, route).total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -125,9 +107,9 @@ def main() -> None:
         sizes = ("tiny", "tiny")
         args.batch_size = min(args.batch_size, 4)
     with device:  # random teachers, initialised on the device too
-        teachers_all = (random_dino("v3", sizes[0], device, dtype), random_lpips(device, dtype),
-                        random_dino("v2", sizes[1], device, dtype))
-    cfg = dataclasses.replace(cfg, repa=dataclasses.replace(cfg.repa, teacher_dim=teachers_all[0].hidden_size))
+        every = Teachers(random_dino("v3", sizes[0], device, dtype), random_lpips(device, dtype),
+                         random_dino("v2", sizes[1], device, dtype))
+    cfg = dataclasses.replace(cfg, repa=dataclasses.replace(cfg.repa, teacher_dim=every.repa.hidden_size))
 
     torch.manual_seed(0)
     with device:  # initialised where it runs: seconds less of GPU time than on the host
@@ -139,14 +121,14 @@ def main() -> None:
     env = environment(device)
     label = f"{'smoke' if args.smoke else 'prx_small'} {cfg.data.resolution}px b{args.batch_size}"
 
+    no_tread = dataclasses.replace(cfg, tread=dataclasses.replace(cfg.tread, enabled=False))
     variants = {
-        "full": (cfg, teachers_all),
-        "no TREAD": (dataclasses.replace(cfg, tread=dataclasses.replace(cfg.tread, enabled=False)), teachers_all),
-        "no REPA": (cfg, (None, *teachers_all[1:])),
-        "no LPIPS": (cfg, (teachers_all[0], None, teachers_all[2])),
-        "no DINO": (cfg, (*teachers_all[:2], None)),
-        "dense denoiser only": (dataclasses.replace(cfg, tread=dataclasses.replace(cfg.tread, enabled=False)),
-                                (None, None, None)),
+        "full": (cfg, every),
+        "no TREAD": (no_tread, every),
+        "no REPA": (cfg, dataclasses.replace(every, repa=None)),
+        "no LPIPS": (cfg, dataclasses.replace(every, lpips=None)),
+        "no DINO": (cfg, dataclasses.replace(every, dino=None)),
+        "dense denoiser only": (no_tread, Teachers()),
     }
     times = {}
     for name, (variant_cfg, teachers) in variants.items():
@@ -174,7 +156,7 @@ def main() -> None:
                                 "ms": round(ms, 2),
                                 "note": "full step minus the step without it" if "cost" in name else "alone"}],
                     args.out_dir)
-    print("reference (RECIPE section 9, H200): 262.5 ms, 122 img/s, 29.8 GiB at batch 32")
+    print("reference (docs/recipe.md section 9, H200): 262.5 ms, 122 img/s, 29.8 GiB at batch 32")
     print(f"rows appended to {path}")
 
 

@@ -1,7 +1,7 @@
 """Benchmark the TREAD routing kernels (gather and scatter of token rows) against their references.
 
-    python bench/bench_routing.py                                # GPU: batch 16, 256 and 1024 tokens, width 1792, bf16
-    python bench/bench_routing.py --smoke --out-dir /tmp/bench  # CPU: tiny shape, interpreter
+    python -m bench.bench_routing                                # GPU: batch 16, 256 and 1024 tokens, width 1792, bf16
+    python -m bench.bench_routing --smoke --out-dir /tmp/bench  # CPU: tiny shape, interpreter
 
 Providers: torch (eager reference), compile (torch.compile of the reference), triton; plus
 `copy`, a device copy of the same bytes. Half the tokens are kept. GB/s counts the minimal bytes
@@ -14,21 +14,12 @@ Rows go to <out-dir>/routing.csv.
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-from pathlib import Path
-
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import measure_and_record  # noqa: E402
-from kernels import ref  # noqa: E402
-from kernels import routing as kr  # noqa: E402
+import kernels
+from bench.common import kernel_bench_arguments, measure_and_record
+from kernels import ref
+from kernels import routing as kr
 
 
 def scatter_into_zeros(grad_kept, keep_idx, num_tokens):
@@ -46,7 +37,7 @@ def split_gradient(grad, keep_idx):
 def cases(batch, tokens, width, dtype, device, names):
     kept = tokens // 2
     gen = torch.Generator(device=device).manual_seed(0)
-    keep_idx = kr.select_kept_tokens(torch.randint(0, 2**62, (batch,), generator=gen, device=device), tokens, kept)
+    keep_idx = kernels.select_kept_tokens(torch.randint(0, 2**62, (batch,), generator=gen, device=device), tokens, kept)
     x = torch.randn(batch, tokens, width, generator=gen, device=device).to(dtype)
     x_kept = torch.randn(batch, kept, width, generator=gen, device=device).to(dtype)
     row = width * x.element_size()
@@ -59,11 +50,11 @@ def cases(batch, tokens, width, dtype, device, names):
     yield "route_gather", "fwd", batch * 2 * kept * row, pick({
         "torch": lambda: ref.route_gather(x, keep_idx),
         "compile": lambda: compiled["route_gather"](x, keep_idx),
-        "triton": lambda: kr.route_gather(x, keep_idx)})
+        "triton": lambda: kernels.route_gather(x, keep_idx)})
     yield "route_scatter", "fwd", batch * 2 * tokens * row, pick({
         "torch": lambda: ref.route_scatter(x_kept, x, keep_idx),
         "compile": lambda: compiled["route_scatter"](x_kept, x, keep_idx),
-        "triton": lambda: kr.route_scatter(x_kept, x, keep_idx)})
+        "triton": lambda: kernels.route_scatter(x_kept, x, keep_idx)})
     yield "route_gather", "bwd", batch * (kept + tokens) * row, pick({
         "torch": lambda: scatter_into_zeros(x_kept, keep_idx, tokens),
         "compile": lambda: compiled["scatter_into_zeros"](x_kept, keep_idx, tokens),
@@ -75,11 +66,7 @@ def cases(batch, tokens, width, dtype, device, names):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny shape (CPU: the Triton interpreter)")
-    parser.add_argument("--providers", default="torch,compile,triton")
-    parser.add_argument("--out-dir", default=None, help="CSV folder (default bench/results/)")
-    args = parser.parse_args()
+    args = kernel_bench_arguments(__doc__.splitlines()[0])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     names = args.providers.split(",")
     shapes = [(2, 77, 40, torch.float32)] if args.smoke else [(16, 256, 1792, torch.bfloat16),

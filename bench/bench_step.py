@@ -1,7 +1,7 @@
 """Time one dense training step of the denoiser: forward + backward, then clip + AdamW.
 
-    python bench/bench_step.py --preset tiny --batch-size 64                          # CPU
-    python bench/bench_step.py --preset prx_small_1024 --batch-size 16 \\
+    python -m bench.bench_step --preset tiny --batch-size 64                          # CPU
+    python -m bench.bench_step --preset prx_small_1024 --batch-size 16 \\
         --variants eager compile compile-no-mask                                       # GPU
 
 A variant is a provider (`eager`, or `compile`: per-block torch.compile(fullgraph=True)),
@@ -11,7 +11,7 @@ after the eager ones because compiling is done in place and cannot be undone.
 
 Inputs are random (noisy patches, timesteps, text embeddings; the mask pads each caption to a
 random length in [T/4, T]), so no data or text encoder is needed. Per variant: median ms of
-forward + backward (what RECIPE section 9's 202 ms / 79 img/s measure) and of the whole step,
+forward + backward (what docs/recipe.md section 9's 202 ms / 79 img/s measure) and of the whole step,
 images/s of forward + backward, achieved TFLOP/s, and on a GPU MFU against the measured bf16
 matmul ceiling and peak memory. Appends a row per variant to bench/results/step.csv.
 """
@@ -20,20 +20,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.common import append_csv, environment, matmul_tflops
+from prx.config import apply_override, preset
+from prx.model.denoiser import PRX, training_flops_per_image
+from prx.recipe.flow import flow_loss
+from prx.run.parallel import apply_compile
 
-from bench.common import append_csv, environment, matmul_tflops  # noqa: E402
-from prx.config import apply_override, preset  # noqa: E402
-from prx.recipe.flow import flow_loss  # noqa: E402
-from prx.model.denoiser import PRX, training_flops_per_image  # noqa: E402
-from prx.run.parallel import apply_compile  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 FIELDS = ["date", "device", "torch", "git", "preset", "resolution", "batch", "text_tokens", "mask",
           "provider", "fwd_bwd_ms", "ms_per_step", "img_per_s", "tflops", "mfu", "peak_gib"]
@@ -102,7 +100,7 @@ def main() -> None:
             sync()
             start = time.perf_counter()
             with autocast:
-                out = model(x, t, text, padded if mask else None, (side, side))
+                out = model(x, t, text, padded if mask else None, (side, side)).x_hat
             loss, _ = flow_loss(out, target, t)
             loss.backward()
             sync()

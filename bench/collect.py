@@ -1,7 +1,7 @@
 """Add the CSV rows of a GPU check to bench/results/, the record kept in git.
 
-    python bench/collect.py /path/to/out                      # a folder written by gpu_check.sh
-    python bench/collect.py /path/to/out/gpu_check.tar.gz     # or its packed form (PACK=1)
+    python -m bench.collect /path/to/out                      # a folder written by gpu_check.sh
+    python -m bench.collect /path/to/out/gpu_check.tar.gz     # or its packed form (PACK=1)
 
 Each `<name>.csv` found is appended to `bench/results/<name>.csv`, row by row, skipping rows
 already there (collecting twice changes nothing). A file whose columns differ from the record's

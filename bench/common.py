@@ -2,11 +2,12 @@
 
 A row is one measurement: (op, shape, dtype, mode, provider) -> ms and GB/s or TFLOP/s, plus the
 machine, library versions and git sha, so rows from different runs never get mixed up. Compare
-only rows of the same device from the same run (DESIGN.md).
+only rows of the same device from the same run (docs/architecture.md, Tests and benchmarks).
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import platform
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+import kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -84,7 +87,8 @@ def measure(op, shape, dtype, mode, nbytes, providers, device, env, peak_gbps=No
     the note of a triton row gives its share of the copy bandwidth (1 GiB and same bytes)."""
     rows = []
     for provider, fn in providers.items():
-        ms = time_ms(fn, device)
+        with kernels.pinned("triton" if provider == "triton" else "auto"):  # the CPU smoke: the interpreter
+            ms = time_ms(fn, device)
         rows.append({**env, "op": op, "shape": shape, "dtype": dtype, "mode": mode, "provider": provider,
                      "ms": ms, "gbps": nbytes / (ms * 1e-3) / 1e9})
     baseline = next((r["ms"] for r in rows if r["provider"] == "compile"), None)
@@ -114,6 +118,15 @@ def measure_and_record(name: str, cases, device: torch.device, out_dir: str | No
             print(format_row(row) + (f"  ({row['note']})" if row["provider"] == "triton" else ""))
         rows += new
     print(f"rows appended to {append_rows(name, rows, Path(out_dir) if out_dir else None)}")
+
+
+def kernel_bench_arguments(description: str) -> argparse.Namespace:
+    """The command line every kernel benchmark shares: --smoke, --providers, --out-dir."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--smoke", action="store_true", help="tiny shape (CPU: the Triton interpreter)")
+    parser.add_argument("--providers", default="torch,compile,triton")
+    parser.add_argument("--out-dir", default=None, help="CSV folder (default bench/results/)")
+    return parser.parse_args()
 
 
 def append_csv(path: Path, fields: list[str], rows: list[dict]) -> Path:

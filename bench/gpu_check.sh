@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one-call GPU check (DESIGN.md): GPU-marked tests, the kernel benchmarks, the step
+# The one-call GPU check (docs/architecture.md): GPU-marked tests, the kernel benchmarks, the step
 # benchmarks, then a short table. Full logs and CSV rows go under $OUT (default bench/out/).
 # Needs only torch, triton, transformers, numpy (what a bare CUDA machine has) plus the
 # repository; no network. DALI is timed only when installed (its wheel is not carried).
@@ -42,7 +42,7 @@ if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; 
     smoke=""
     BUDGET_S=${BUDGET_S:-420}
     steps=10
-    # RECIPE section 9 (H200, reference code): 1024 px batch 16 fwd+bwd 79 img/s compiled with
+    # docs/recipe.md section 9 (H200, reference code): 1024 px batch 16 fwd+bwd 79 img/s compiled with
     # the text mask, 89 without, 41 eager; 512 px batch 64 eager 156 img/s.
     step_runs=("--preset prx_small_1024 --batch-size 16 --variants eager compile compile-no-mask"
                "--preset prx_small_512 --batch-size 64 --variants eager")
@@ -82,19 +82,19 @@ for section in $ONLY; do
         step)
             for args in "${step_runs[@]}"; do
                 # shellcheck disable=SC2086
-                run bench_step $PY bench/bench_step.py $args --steps $steps --out "$OUT/step.csv"
+                run bench_step $PY -m bench.bench_step $args --steps $steps --out "$OUT/step.csv"
             done ;;
-        liger) run bench_liger $PY bench/bench_liger.py $smoke --out-dir "$OUT" ;;
+        liger) run bench_liger $PY -m bench.bench_liger $smoke --out-dir "$OUT" ;;
         tests)  # with pytest-timeout (on the GPU machines), a hung test costs 4 minutes, not the rest
             per_test=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout=240")
             run gpu_tests $PY -m pytest -q -m gpu ${per_test:+"$per_test"} tests ;;
         kernels)
-            run bench_muon $PY bench/bench_muon.py $smoke --out-dir "$OUT"
-            run bench_patchify $PY bench/bench_patchify.py $smoke --out-dir "$OUT"
-            run bench_routing $PY bench/bench_routing.py $smoke --out-dir "$OUT"
-            run bench_losses $PY bench/bench_losses.py $smoke --out-dir "$OUT" ;;
-        recipe) run bench_recipe $PY bench/bench_recipe.py $smoke --out-dir "$OUT" ;;
-        data) run bench_data $PY bench/bench_data.py --images $data_images --out "$OUT/data.csv" ;;
+            run bench_muon $PY -m bench.bench_muon $smoke --out-dir "$OUT"
+            run bench_patchify $PY -m bench.bench_patchify $smoke --out-dir "$OUT"
+            run bench_routing $PY -m bench.bench_routing $smoke --out-dir "$OUT"
+            run bench_losses $PY -m bench.bench_losses $smoke --out-dir "$OUT" ;;
+        recipe) run bench_recipe $PY -m bench.bench_recipe $smoke --out-dir "$OUT" ;;
+        data) run bench_data $PY -m bench.bench_data --images $data_images --out "$OUT/data.csv" ;;
         *) echo "!! unknown section '$section' (step liger tests kernels recipe data)"; status=1 ;;
     esac
 done

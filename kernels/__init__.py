@@ -1,89 +1,139 @@
-"""Triton kernels of the trainer, each with a PyTorch reference of the same signature in `ref`.
+"""Triton kernels of the trainer behind one dispatch rule; each op has a PyTorch reference of the
+same signature in `kernels.ref`.
 
-The model calls the functions exported here; it picks kernel or reference once, by device.
-Until a kernel lands for an op, the reference is what runs.
+The rule: an op runs its Triton kernel when its main tensor is on a CUDA device (and triton
+imports), its reference elsewhere. The model, the optimizer, the losses, evaluation and the
+benchmarks call the functions below and nothing else. `pin(...)` overrides the rule for a
+whole run (`train.kernels=reference`: PyTorch on the GPU too, a fallback and a baseline), and
+`pinned(...)` inside a block ("triton" runs the kernels on CPU tensors: the Triton interpreter,
+in tests).
+
+Files, one op family each, in layers (kernel, launcher, registered op with autograd, functional
+API): patchify.py (patchify + noise, unpatchify), routing.py (TREAD selection, gather,
+scatter), muon.py (batched Newton-Schulz), flow_matching.py (velocity loss), lpips_head.py
+(LPIPS distance heads), cosine.py (masked cosine alignment); launch.py holds what the launchers
+share.
 """
 
-# ---------------------------------------------------------------- patchify + noise, TREAD routing
-# The Triton kernel on CUDA tensors, the reference of the same signature (kernels.ref) elsewhere.
-import torch as _torch
+from __future__ import annotations
 
-from kernels import ref as _ref
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from kernels import ref
 
 try:
-    from kernels import patchify as _patchify_kernels
-    from kernels import routing as _routing_kernels
+    from kernels import cosine as _cosine
+    from kernels import flow_matching as _flow_matching
+    from kernels import lpips_head as _lpips_head
+    from kernels import muon as _muon
+    from kernels import patchify as _patchify
+    from kernels import routing as _routing
 except ImportError:  # no triton on this machine: the references run
-    _patchify_kernels = _routing_kernels = None
+    _cosine = _flow_matching = _lpips_head = _muon = _patchify = _routing = None
+
+Tensor = torch.Tensor
+PROVIDERS = ("auto", "triton", "reference")
+_pinned = "auto"
 
 
-def _use_triton(x: _torch.Tensor) -> bool:
-    return x.is_cuda and _patchify_kernels is not None
+def pin(provider: str) -> None:
+    """Set the provider for every op from now on: "auto" (the rule), "triton" or "reference"."""
+    global _pinned
+    if provider not in PROVIDERS:
+        raise ValueError(f"kernel provider {provider!r}: use one of {', '.join(PROVIDERS)}")
+    if provider == "triton" and _patchify is None:
+        raise RuntimeError("the Triton kernels need the triton package, which does not import here")
+    _pinned = provider
 
 
-def patchify_and_noise(images: _torch.Tensor, t: _torch.Tensor, patch_size: int,
-                       noise: _torch.Tensor | None = None, seeds: _torch.Tensor | None = None,
-                       noise_offset: int = 0, noise_scale: float = 1.0,
-                       out_dtype: _torch.dtype = _torch.float32) -> tuple[_torch.Tensor, _torch.Tensor]:
+@contextlib.contextmanager
+def pinned(provider: str) -> Iterator[None]:
+    """`pin(provider)` inside the block, the previous provider after it."""
+    previous = _pinned
+    pin(provider)
+    try:
+        yield
+    finally:
+        pin(previous)
+
+
+def uses_triton(x: Tensor) -> bool:
+    """The one dispatch rule (see the module docstring)."""
+    if _pinned == "auto":
+        return x.is_cuda and _patchify is not None
+    return _pinned == "triton"
+
+
+def _impl(x: Tensor, kernel_module):
+    return kernel_module if uses_triton(x) else ref
+
+
+# ---------------------------------------------------------------- patchify + noise, TREAD routing
+
+
+def patchify_and_noise(images: Tensor, t: Tensor, patch_size: int, noise: Tensor | None = None,
+                       seeds: Tensor | None = None, noise_offset: int = 0, noise_scale: float = 1.0,
+                       out_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """uint8 or [-1, 1] images (B, 3, H, W), t (B,) -> (x_t, x) in patch layout, out_dtype.
     Noise from `noise` (B, L, 3 p p), or drawn from int64 per-sample `seeds` (B,) and
     `noise_offset` (the same numbers on CPU and GPU, up to float rounding). No gradient."""
-    impl = _patchify_kernels if _use_triton(images) else _ref
-    return impl.patchify_and_noise(images, t, patch_size, noise, seeds, noise_offset, noise_scale, out_dtype)
+    return _impl(images, _patchify).patchify_and_noise(images, t, patch_size, noise, seeds, noise_offset,
+                                                       noise_scale, out_dtype)
 
 
-def unpatchify(patches: _torch.Tensor, patch_size: int, height: int, width: int) -> _torch.Tensor:
+def unpatchify(patches: Tensor, patch_size: int, height: int, width: int) -> Tensor:
     """(B, L, C p p) -> (B, C, H, W), differentiable (the backward is a patchify)."""
-    impl = _patchify_kernels if _use_triton(patches) else _ref
-    return impl.unpatchify(patches, patch_size, height, width)
+    return _impl(patches, _patchify).unpatchify(patches, patch_size, height, width)
 
 
-def select_kept_tokens(seeds: _torch.Tensor, num_tokens: int, num_kept: int) -> _torch.Tensor:
+def select_kept_tokens(seeds: Tensor, num_tokens: int, num_kept: int) -> Tensor:
     """TREAD: (B, num_kept) int64 kept token indices, ascending, sample b keyed by seeds[b] only
     (identical on every device)."""
-    impl = _routing_kernels if _use_triton(seeds) else _ref
-    return impl.select_kept_tokens(seeds, num_tokens, num_kept)
+    return _impl(seeds, _routing).select_kept_tokens(seeds, num_tokens, num_kept)
 
 
-def route_gather(x: _torch.Tensor, keep_idx: _torch.Tensor) -> _torch.Tensor:
+def route_gather(x: Tensor, keep_idx: Tensor) -> Tensor:
     """TREAD: (B, N, C) -> (B, K, C), the kept tokens; differentiable."""
-    impl = _routing_kernels if _use_triton(x) else _ref
-    return impl.route_gather(x, keep_idx)
+    return _impl(x, _routing).route_gather(x, keep_idx)
 
 
-def route_scatter(x_kept: _torch.Tensor, x_full: _torch.Tensor, keep_idx: _torch.Tensor) -> _torch.Tensor:
+def route_scatter(x_kept: Tensor, x_full: Tensor, keep_idx: Tensor) -> Tensor:
     """TREAD: (B, N, C), x_full with its kept rows replaced by x_kept; differentiable in both."""
-    impl = _routing_kernels if _use_triton(x_full) else _ref
-    return impl.route_scatter(x_kept, x_full, keep_idx)
+    return _impl(x_full, _routing).route_scatter(x_kept, x_full, keep_idx)
 
 
-route_gather_table = _ref.route_gather_table  # (N, ...) RoPE tables / positions -> (B, K, ...)
+route_gather_table = ref.route_gather_table  # (N, ...) RoPE tables / positions -> (B, K, ...); tiny
 
 
-# ---------------------------------------------------------------- losses: flow matching, LPIPS head, cosine
-try:
-    from kernels import losses as _loss_kernels
-except ImportError:  # no triton on this machine: the references run
-    _loss_kernels = None
+# ---------------------------------------------------------------- Muon
 
 
-def _loss_impl(x: _torch.Tensor):
-    return _loss_kernels if x.is_cuda and _loss_kernels is not None else _ref
+def newton_schulz(bank: Tensor, coefficients: list[tuple[float, float, float]], norm_safety: float = 1.0,
+                  eps: float = 1e-7) -> Tensor:
+    """Approximate orthogonal polar factor of every matrix of a bank (K, R, C), in its dtype."""
+    return _impl(bank, _muon).newton_schulz(bank, coefficients, norm_safety, eps)
 
 
-def flow_loss(x_hat: _torch.Tensor, x: _torch.Tensor, t: _torch.Tensor, t_floor: float = 0.05,
-              weight: _torch.Tensor | None = None) -> tuple[_torch.Tensor, _torch.Tensor]:
+# ---------------------------------------------------------------- losses
+
+
+def flow_loss(x_hat: Tensor, x: Tensor, t: Tensor, t_floor: float = 0.05,
+              weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Velocity-space loss of an x-prediction: (mean of weight * per_sample, per_sample (B,)), fp32."""
-    return _loss_impl(x_hat).flow_loss(x_hat, x, t, t_floor, weight)
+    return _impl(x_hat, _flow_matching).flow_loss(x_hat, x, t, t_floor, weight)
 
 
-def lpips_distance(preds, targets, weights, eps: float = 1e-10) -> _torch.Tensor:
+def lpips_distance(preds: Sequence[Tensor], targets: Sequence[Tensor], weights: Sequence[Tensor],
+                   eps: float = 1e-10) -> Tensor:
     """LPIPS heads summed over layers, (B,): per layer the spatial mean of
     sum_c w_c (unit(pred) - unit(target))_c^2; gradient to preds only."""
-    return _loss_impl(preds[0]).lpips_distance(preds, targets, weights, eps)
+    return _impl(preds[0], _lpips_head).lpips_distance(preds, targets, weights, eps)
 
 
-def cosine_alignment(a: _torch.Tensor, b: _torch.Tensor, mask: _torch.Tensor | None = None,
-                     eps: float = 1e-8) -> tuple[_torch.Tensor, _torch.Tensor]:
+def cosine_alignment(a: Tensor, b: Tensor, mask: Tensor | None = None,
+                     eps: float = 1e-8) -> tuple[Tensor, Tensor]:
     """(mean over valid tokens of cos(a, b), per-sample mean (B,)), fp32; gradient to a only."""
-    return _loss_impl(a).cosine_alignment(a, b, mask, eps)
+    return _impl(a, _cosine).cosine_alignment(a, b, mask, eps)

@@ -37,7 +37,7 @@ def unpatchify(patches: torch.Tensor, patch_size: int, height: int, width: int) 
     return x.permute(0, 3, 1, 4, 2, 5).reshape(b, c, height, width)
 
 
-# ----------------------------------------------------------------------------- Newton-Schulz (Muon)
+# ---------------------------------------------------------------- Newton-Schulz (muon.py)
 
 
 def newton_schulz(x: torch.Tensor, coefficients: list[tuple[float, float, float]],
@@ -181,12 +181,12 @@ def route_gather_table(table: torch.Tensor, keep_idx: torch.Tensor) -> torch.Ten
     return table[keep_idx]
 
 
-# ----------------------------------------------------------------------------- losses (kernels/losses.py)
+# ---------------------------------------------------------------- losses (flow_matching.py, lpips_head.py, cosine.py)
 
 
 def flow_loss(x_hat: torch.Tensor, x: torch.Tensor, t: torch.Tensor, t_floor: float = 0.05,
               weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Velocity-space loss of an x-prediction (RECIPE section 2): (mean, per-sample (B,)), fp32.
+    """Velocity-space loss of an x-prediction (docs/recipe.md section 2): (mean, per-sample (B,)), fp32.
 
     v_hat - v = ((x_t - x_hat) - (x_t - x)) / max(t, t_floor) = (x - x_hat) / max(t, t_floor).
     per_sample is unweighted (the per-t-bin log); mean = mean_b(weight_b * per_sample_b).

@@ -1,4 +1,4 @@
-"""The recipe's optimizer (RECIPE section 6): Muon for the 2-D block weights, Adam for the rest.
+"""The recipe's optimizer (docs/recipe.md section 6): Muon for the 2-D block weights, Adam for the rest.
 
 One `torch.optim.Optimizer` with two kinds of parameter group, so the trainer, the LR schedule
 and the checkpoints see a single optimizer:
@@ -29,9 +29,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-import kernels.newton_schulz as ns_kernels
-from kernels.ref import newton_schulz as newton_schulz_reference
-from prx.run.parallel import canonical_name
+import kernels
+from prx.names import canonical_name
 
 # Jordan's quintic (Muon, 2024): one (a, b, c) for every step; it stops short of convergence
 # on purpose (singular values end in about [0.7, 1.2]) for speed in 5 steps.
@@ -69,24 +68,8 @@ class NewtonSchulzSchedule:
 
 
 def is_muon_parameter(name: str, param: torch.Tensor) -> bool:
-    """2-D weights inside the transformer blocks (RECIPE section 6); all else goes to Adam."""
+    """2-D weights inside the transformer blocks (docs/recipe.md section 6); all else goes to Adam."""
     return name.startswith("blocks.") and param.ndim == 2
-
-
-_compiled_reference = None
-
-
-def orthogonalize(bank: torch.Tensor, schedule: NewtonSchulzSchedule, backend: str) -> torch.Tensor:
-    """Newton-Schulz on a bank (K, R, C): Triton kernels, or the batched torch reference
-    (eager, or torch.compile'd: the honest baseline for the kernels)."""
-    global _compiled_reference
-    args = (list(schedule.coefficients), schedule.norm_safety, schedule.eps)
-    if backend == "triton":
-        return ns_kernels.newton_schulz(bank, *args)
-    if backend == "compile":
-        _compiled_reference = _compiled_reference or torch.compile(newton_schulz_reference, dynamic=False)
-        return _compiled_reference(bank, *args)
-    return newton_schulz_reference(bank, *args)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -103,18 +86,17 @@ class MuonAdam(torch.optim.Optimizer):
     """Muon for the groups with kind "muon", Adam for kind "adam" (build with `build_optimizer`).
 
     `ns_dtype` is the Newton-Schulz compute dtype (bf16 as in the recipe; tests use fp32/fp64
-    for exact comparisons). `backend`: "triton" kernels, the batched "torch" reference eager or
-    "compile"d, or "auto" (Triton on CUDA tensors, torch elsewhere).
+    for exact comparisons). `newton_schulz(bank, coefficients, norm_safety, eps)` orthogonalises
+    a bank: `kernels.newton_schulz` (the Triton kernels on CUDA tensors, the batched torch
+    reference elsewhere) unless a benchmark passes another, e.g. the compiled reference.
     """
 
     def __init__(self, groups: list[dict], lr: float, schedule: NewtonSchulzSchedule,
-                 ns_dtype: torch.dtype = torch.bfloat16, backend: str = "auto"):
-        if backend not in ("auto", "triton", "torch", "compile"):
-            raise ValueError(f"backend {backend!r}: use auto, triton, torch or compile")
+                 ns_dtype: torch.dtype = torch.bfloat16, newton_schulz=kernels.newton_schulz):
         super().__init__(groups, dict(lr=lr, weight_decay=0.0))
         self.schedule = schedule
         self.ns_dtype = ns_dtype
-        self.backend = backend
+        self.newton_schulz = newton_schulz
         self._banks: dict[int, list[tuple[tuple[int, int], list[int]]]] = {}
 
     # ------------------------------------------------------------------ step
@@ -196,15 +178,14 @@ class MuonAdam(torch.optim.Optimizer):
             self._banks[index] = list(banks.items())
         return self._banks[index]
 
-    def _backend_for(self, tensor: torch.Tensor) -> str:
-        if self.backend == "auto":
-            return "triton" if tensor.is_cuda else "torch"
-        return self.backend
+    def _orthogonalize(self, bank: torch.Tensor) -> torch.Tensor:
+        schedule = self.schedule
+        return self.newton_schulz(bank, list(schedule.coefficients), schedule.norm_safety, schedule.eps)
 
     def _orthogonalize_bank(self, shape, local_updates, owners, sharded: bool) -> list[torch.Tensor]:
         if not sharded or not dist.is_initialized() or dist.get_world_size() == 1:
             bank = torch.stack([u.to(self.ns_dtype) for u in local_updates])
-            return list(orthogonalize(bank, self.schedule, self._backend_for(bank)).unbind(0))
+            return list(self._orthogonalize(bank).unbind(0))
         return self._orthogonalize_sharded(shape, local_updates, owners)
 
     def _orthogonalize_sharded(self, shape, local_updates, owners) -> list[torch.Tensor]:
@@ -239,7 +220,7 @@ class MuonAdam(torch.optim.Optimizer):
 
         # 2. Orthogonalise the owned matrices.
         if mine:
-            whole = orthogonalize(whole, self.schedule, self._backend_for(whole))
+            whole = self._orthogonalize(whole)
 
         # 3. Send every rank q the rows of its shard of each owned matrix; collect own rows.
         back = torch.cat([whole[:, offsets[q]:offsets[q] + counts[q]].reshape(-1) for q in range(world)])
@@ -262,7 +243,7 @@ class MuonAdam(torch.optim.Optimizer):
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    """AdamW over everything, or Muon + Adam split as RECIPE section 6 (cfg.optim.name)."""
+    """AdamW over everything, or Muon + Adam split as docs/recipe.md section 6 (cfg.optim.name)."""
     o = cfg.optim
     if o.name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
@@ -276,4 +257,4 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
         dict(params=adam, kind="adam", betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay),
     ]
     schedule = NewtonSchulzSchedule.named(o.ns_coefficients, o.ns_steps)
-    return MuonAdam([g for g in groups if g["params"]], o.lr, schedule, backend=o.muon_backend)
+    return MuonAdam([g for g in groups if g["params"]], o.lr, schedule)

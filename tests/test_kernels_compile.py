@@ -25,8 +25,11 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-import kernels.losses as kernel_losses  # noqa: E402
-import kernels.newton_schulz as kernel_ns  # noqa: E402
+import kernels.cosine as kernel_cosine  # noqa: E402
+import kernels.flow_matching as kernel_flow_matching  # noqa: E402
+import kernels.launch as kernel_launch  # noqa: E402
+import kernels.lpips_head as kernel_lpips_head  # noqa: E402
+import kernels.muon as kernel_ns  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.int64: "*i64",
@@ -57,14 +60,14 @@ def exercise_every_op():
     kr.route_scatter(kept * 2, x, keep).float().sum().backward()
 
     x_hat = torch.randn(2, 6, 192, generator=g).bfloat16().requires_grad_()
-    kernel_losses.flow_loss(x_hat, torch.randn(2, 6, 192, generator=g), t)[0].backward()
+    kernel_flow_matching.flow_loss(x_hat, torch.randn(2, 6, 192, generator=g), t)[0].backward()
     feats = [torch.randn(2, c, 3, 5, generator=g).bfloat16().requires_grad_() for c in (64, 128, 256, 512, 512)]
     targets = [torch.randn(2, c, 3, 5, generator=g).bfloat16() for c in (64, 128, 256, 512, 512)]
     heads = [torch.rand(c, generator=g) for c in (64, 128, 256, 512, 512)]
-    kernel_losses.lpips_distance(feats, targets, heads).sum().backward()
+    kernel_lpips_head.lpips_distance(feats, targets, heads).sum().backward()
     a = torch.randn(2, 7, 48, generator=g).bfloat16().requires_grad_()
     mask = torch.rand(2, 7, generator=g) > 0.3
-    kernel_losses.cosine_alignment(a, torch.randn(2, 7, 48, generator=g).bfloat16(), mask)[0].backward()
+    kernel_cosine.cosine_alignment(a, torch.randn(2, 7, 48, generator=g).bfloat16(), mask)[0].backward()
 
 
 def signature_of(fn, args, kwargs):
@@ -101,8 +104,7 @@ def launches():
 
     patch = pytest.MonkeyPatch()
     patch.setattr(InterpretedFunction, "run", recording_run)
-    patch.setattr(kernel_ns, "INTERPRET", False)  # the GPU's tile sizes
-    patch.setattr(kernel_losses, "_interpreting", lambda: False)
+    patch.setattr(kernel_launch, "interpreting", lambda: False)  # the GPU's tile and grid sizes
     try:
         exercise_every_op()
     finally:
@@ -114,7 +116,8 @@ def test_every_kernel_is_exercised(launches):
     names = {name for name, _ in launches}
     defined = {
         obj.fn.__name__
-        for module in (kernel_ns, kernel_losses, __import__("kernels.patchify").patchify,
+        for module in (kernel_ns, kernel_flow_matching, kernel_lpips_head, kernel_cosine,
+                       __import__("kernels.patchify").patchify,
                        __import__("kernels.routing").routing)
         for obj in vars(module).values()
         if isinstance(obj, InterpretedFunction) and obj.fn.__name__.endswith("_kernel")  # not device helpers

@@ -1,16 +1,17 @@
 """Every Triton kernel with 16-bit tensors, on the CPU: the dtype plumbing of the GPU's bf16 path.
 
-The interpreter's bf16 arithmetic is wrong (DESIGN.md), so bf16 itself is tested on the GPU only;
-fp16 runs correctly here and goes through the same code: 16-bit loads, fp32 compute, 16-bit
+The interpreter's bf16 arithmetic is wrong (docs/architecture.md, Tests), so bf16 itself is
+tested on the GPU only; fp16 runs correctly here and goes through the same code: 16-bit loads, fp32 compute, 16-bit
 stores, 16-bit gradients. Copies must be exact; arithmetic must stay within twice torch's own
-fp16 error against fp64 (DESIGN.md's rule).
+fp16 error against fp64 (the low-precision rule of docs/architecture.md).
 """
 
 import pytest
 import torch
 
-import kernels.newton_schulz as kns
-from kernels import losses as kl
+import kernels.muon as kns
+from kernels import cosine as kc
+from kernels import lpips_head as kl
 from kernels import patchify as kp
 from kernels import ref
 from kernels import routing as kr
@@ -81,7 +82,7 @@ def test_lpips_head_and_cosine_alignment_take_half_features():
     b = torch.randn(3, 77, 40, generator=g).to(HALF)
     for ours_fn, ref_fn, args, leaf in (
             (kl.lpips_head_distance, ref.lpips_head_distance, (pred, target, weight), pred),
-            (lambda *x: kl.cosine_alignment(*x)[1], lambda *x: ref.cosine_alignment(*x)[1], (a, b), a)):
+            (lambda *x: kc.cosine_alignment(*x)[1], lambda *x: ref.cosine_alignment(*x)[1], (a, b), a)):
         ours, half = ours_fn(*args), ref_fn(*args)
         exact = ref_fn(*[x.double() if x.is_floating_point() else x for x in args])
         within_twice_torch_error(ours, half, exact, atol=1e-6)

@@ -1,4 +1,5 @@
-"""Fused losses (kernels/losses.py) against their references (kernels/ref.py).
+"""The fused loss kernels (kernels/flow_matching.py, lpips_head.py, cosine.py) against their
+references (kernels/ref.py).
 
 On the CPU the Triton kernels run under the interpreter in fp32 (odd shapes, forward and
 gradient, op registration); the `gpu` tests check bf16 with the rule
@@ -13,7 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import losses, ref
+from kernels import cosine as kc
+from kernels import flow_matching as kf
+from kernels import lpips_head as kl
+from kernels import ref
 from prx.recipe.lpips_heads import LPIPS_VGG_CHANNELS, load_lpips_heads, lpips_weights_path
 
 CUDA = torch.device("cuda")
@@ -45,7 +49,7 @@ def test_flow_loss_matches_reference(shape, weighted):
     t = torch.rand(shape[0], generator=g) * 0.99 + 0.001
     t[0] = 0.01  # below the 0.05 floor
     w = torch.rand(shape[0], generator=g) if weighted else None
-    (mean, per), dx = _grad(losses.flow_loss, x_hat, x, t, 0.05, w)
+    (mean, per), dx = _grad(kf.flow_loss, x_hat, x, t, 0.05, w)
     (mean_r, per_r), dx_r = _grad(ref.flow_loss, x_hat, x, t, 0.05, w)
     torch.testing.assert_close(per, per_r, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(mean, mean_r, rtol=1e-5, atol=1e-6)
@@ -57,11 +61,11 @@ def test_flow_loss_gradient_to_x_mixed_dtypes_and_strides():
     x_hat = torch.randn(2, 33, 48, generator=g).half()  # fp16: exact under the interpreter
     x = torch.randn(2, 48, 33, generator=g).transpose(1, 2)  # not contiguous
     t = torch.tensor([0.2, 0.7])
-    (_, per), dx = _grad(lambda x_, xh: losses.flow_loss(xh, x_, t), x, x_hat)
+    (_, per), dx = _grad(lambda x_, xh: kf.flow_loss(xh, x_, t), x, x_hat)
     (_, per_r), dx_r = _grad(lambda x_, xh: ref.flow_loss(xh, x_, t), x, x_hat)
     torch.testing.assert_close(per, per_r, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dx, dx_r, rtol=1e-5, atol=1e-8)
-    (_, _), dxh = _grad(lambda xh: losses.flow_loss(xh, x, t), x_hat)
+    (_, _), dxh = _grad(lambda xh: kf.flow_loss(xh, x, t), x_hat)
     assert dxh.dtype == torch.float16 and dxh.shape == x_hat.shape
     torch.testing.assert_close(dxh.float(), -dx_r, rtol=1e-3, atol=1e-6)  # fp16 rounding of the output
 
@@ -71,9 +75,9 @@ def test_flow_loss_is_deterministic_and_zero_at_the_target():
     x = torch.randn(3, 40, 50, generator=g)
     x_hat = x + 0.1 * torch.randn(3, 40, 50, generator=g)
     t = torch.tensor([0.1, 0.5, 0.9])
-    a, b = losses.flow_loss(x_hat, x, t), losses.flow_loss(x_hat, x, t)
+    a, b = kf.flow_loss(x_hat, x, t), kf.flow_loss(x_hat, x, t)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    zero, per = losses.flow_loss(x, x, t)
+    zero, per = kf.flow_loss(x, x, t)
     assert zero.item() == 0.0 and torch.all(per == 0)
 
 
@@ -100,7 +104,7 @@ def test_lpips_head_matches_reference(shape, channels_last):
     pred = torch.randn(shape, generator=g).relu().contiguous(memory_format=fmt)
     target = torch.randn(shape, generator=g).relu()  # NCHW while pred may be channels-last
     weight = torch.rand(shape[1], generator=g)
-    (dist,), dp = _grad(losses.lpips_head_distance, pred, target, weight)
+    (dist,), dp = _grad(kl.lpips_head_distance, pred, target, weight)
     (dist_r,), dp_r = _grad(ref.lpips_head_distance, pred, target, weight)
     torch.testing.assert_close(dist, dist_r, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(dp, dp_r, rtol=1e-4, atol=1e-7)
@@ -122,7 +126,7 @@ def test_lpips_head_near_identical_features():
     target = torch.randn(2, 64, 6, 7, generator=g).relu()
     pred = target + 0.001 * torch.randn(2, 64, 6, 7, generator=g)
     weight = torch.rand(64, generator=g)
-    (dist,), dp = _grad(losses.lpips_head_distance, pred, target, weight)
+    (dist,), dp = _grad(kl.lpips_head_distance, pred, target, weight)
     (dist_r,), dp_r = _grad(lambda p_: _lpips_float64(p_, target, weight), pred)
     assert dist_r.max() < 2e-6
     torch.testing.assert_close(dist.double(), dist_r, rtol=1e-6, atol=0)
@@ -142,7 +146,7 @@ def test_lpips_head_zero_and_tiny_feature_norms():
     target[1, :, 0, 0] = 0.0
     pred[1, :, 2, 3] *= 1e-5
     weight = torch.rand(8, generator=g)
-    (dist,), dp = _grad(losses.lpips_head_distance, pred, target, weight)
+    (dist,), dp = _grad(kl.lpips_head_distance, pred, target, weight)
     torch.testing.assert_close(dist.double(), _lpips_float64(pred, target, weight), rtol=1e-6, atol=0)
     cot = torch.randn(2, generator=_gen(123))  # the cotangent _grad uses
     v = target[0, :, 1, 2] / (target[0, :, 1, 2].norm() + 1e-10)
@@ -176,13 +180,13 @@ def test_lpips_with_the_real_heads_equals_the_published_formula():
     sizes = [(9, 7), (5, 4), (3, 2), (2, 1), (1, 1)]  # odd, halving like VGG's stages
     preds = [torch.randn(2, c, h, w, generator=g).relu() for c, (h, w) in zip(LPIPS_VGG_CHANNELS, sizes)]
     targets = [torch.randn(2, c, h, w, generator=g).relu() for c, (h, w) in zip(LPIPS_VGG_CHANNELS, sizes)]
-    torch.testing.assert_close(losses.lpips_distance(preds, targets, heads),
+    torch.testing.assert_close(kl.lpips_distance(preds, targets, heads),
                                _published_lpips(preds, targets, state), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(ref.lpips_distance(preds, targets, heads),
                                _published_lpips(preds, targets, state), rtol=1e-5, atol=1e-7)
     # LPIPS(x, x) = 0, and so is its gradient.
     same = [p.clone().requires_grad_(True) for p in preds]
-    zero = losses.lpips_distance(same, preds, heads)
+    zero = kl.lpips_distance(same, preds, heads)
     assert torch.all(zero == 0)
     grads = torch.autograd.grad(zero.sum(), same)
     assert all(torch.all(gr == 0) for gr in grads)
@@ -211,7 +215,7 @@ def test_lpips_head_loader_reads_a_written_file_and_checks_it(tmp_path):
 def test_lpips_refuses_gradients_to_the_target():
     p = torch.rand(1, 4, 2, 2, requires_grad=True)
     with pytest.raises(ValueError, match="must not require grad"):
-        losses.lpips_head_distance(p, torch.rand(1, 4, 2, 2, requires_grad=True), torch.rand(4))
+        kl.lpips_head_distance(p, torch.rand(1, 4, 2, 2, requires_grad=True), torch.rand(4))
 
 
 # ----------------------------------------------------------------------------- cosine alignment
@@ -228,7 +232,7 @@ def test_cosine_alignment_matches_reference(shape, mask_kind):
         mask[0] = False  # a sample with no valid token: per-sample 0, no gradient
     elif mask_kind == "float":
         mask = torch.rand(shape[:2], generator=g)
-    (mean, per), da = _grad(losses.cosine_alignment, a, b, mask)
+    (mean, per), da = _grad(kc.cosine_alignment, a, b, mask)
     (mean_r, per_r), da_r = _grad(ref.cosine_alignment, a, b, mask)
     torch.testing.assert_close(per, per_r, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(mean, mean_r, rtol=1e-5, atol=1e-7)
@@ -250,10 +254,10 @@ def test_cosine_refuses_gradients_to_b_and_handles_strided_inputs():
     g = _gen(11)
     a = torch.randn(2, 40, 9, generator=g).transpose(1, 2)  # (2, 9, 40), D not contiguous
     b = torch.randn(2, 9, 40, generator=g)
-    (mean,), _ = _grad(lambda a_: losses.cosine_alignment(a_, b)[0], a)
+    (mean,), _ = _grad(lambda a_: kc.cosine_alignment(a_, b)[0], a)
     torch.testing.assert_close(mean, ref.cosine_alignment(a, b)[0], rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="b must not require grad"):
-        losses.cosine_alignment(a.requires_grad_(), b.requires_grad_())
+        kc.cosine_alignment(a.requires_grad_(), b.requires_grad_())
 
 
 # ----------------------------------------------------------------------------- registration
@@ -279,8 +283,8 @@ def test_fullgraph_compile_traces_the_ops_on_cpu():
     a, b = torch.randn(2, 3, 7, generator=g), torch.randn(2, 3, 7, generator=g)
 
     def total(x_hat, p, a):
-        return (losses.flow_loss(x_hat, x, t)[0] + losses.lpips_head_distance(p, q, w).sum()
-                - 0.5 * losses.cosine_alignment(a, b)[0])
+        return (kf.flow_loss(x_hat, x, t)[0] + kl.lpips_head_distance(p, q, w).sum()
+                - 0.5 * kc.cosine_alignment(a, b)[0])
 
     def reference(x_hat, p, a):
         return ref.flow_loss(x_hat, x, t)[0] + ref.lpips_head_distance(p, q, w).sum() - 0.5 * ref.cosine_alignment(a, b)[0]
@@ -333,7 +337,7 @@ def test_gpu_flow_loss_bf16(shape):
     x = torch.randn(shape, generator=g, device=CUDA)
     x_hat = (x + 0.3 * torch.randn(shape, generator=g, device=CUDA)).bfloat16()
     t = torch.rand(shape[0], generator=g, device=CUDA).clamp_min(0.001)
-    k_out, k_dx = _grad(losses.flow_loss, x_hat, x, t)
+    k_out, k_dx = _grad(kf.flow_loss, x_hat, x, t)
     r_out, r_dx = _grad(ref.flow_loss, x_hat.float(), x, t)
     l_out, l_dx = _grad(_lowp_flow, x_hat, x, t)
     assert k_dx.dtype == torch.bfloat16
@@ -351,7 +355,7 @@ def test_gpu_lpips_head_bf16(shape, channels_last):
     p = (q.float() + 0.5 * torch.randn(shape, generator=g, device=CUDA)).relu().bfloat16()
     p, q = p.contiguous(memory_format=fmt), q.contiguous(memory_format=fmt)
     w = torch.rand(shape[1], generator=g, device=CUDA)
-    k_out, k_dp = _grad(losses.lpips_head_distance, p, q, w)
+    k_out, k_dp = _grad(kl.lpips_head_distance, p, q, w)
     r_out, r_dp = _grad(ref.lpips_head_distance, p.float(), q.float(), w)
     l_out, l_dp = _grad(_lowp_lpips, p, q, w)
     _check_rule(k_out, r_out, l_out, atol=1e-5)
@@ -365,7 +369,7 @@ def test_gpu_cosine_alignment_bf16(shape):
     b = torch.randn(shape, generator=g, device=CUDA)
     a = (b + torch.randn(shape, generator=g, device=CUDA)).bfloat16()
     b = b.bfloat16()
-    k_out, k_da = _grad(losses.cosine_alignment, a, b)
+    k_out, k_da = _grad(kc.cosine_alignment, a, b)
     r_out, r_da = _grad(ref.cosine_alignment, a.float(), b.float())
     l_out, l_da = _grad(_lowp_cosine, a, b)
     _check_rule(k_out, r_out, l_out, atol=1e-5)
@@ -386,8 +390,8 @@ def test_gpu_inductor_compile_matches_eager():
     mask = torch.rand(4, 256, generator=g, device=CUDA) > 0.5
 
     def total(x_hat, p, a):
-        return (losses.flow_loss(x_hat, x, t)[0] + 0.1 * losses.lpips_head_distance(p, q, w).mean()
-                - 0.5 * losses.cosine_alignment(a, b, mask)[0])
+        return (kf.flow_loss(x_hat, x, t)[0] + 0.1 * kl.lpips_head_distance(p, q, w).mean()
+                - 0.5 * kc.cosine_alignment(a, b, mask)[0])
 
     torch._dynamo.reset()
     compiled = torch.compile(total, fullgraph=True)

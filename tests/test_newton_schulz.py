@@ -7,7 +7,7 @@ bf16 at the PRX small shapes.
 import pytest
 import torch
 
-from kernels import newton_schulz as ns
+from kernels import muon as ns
 from kernels.ref import newton_schulz as reference
 from prx.optim import JORDAN, NewtonSchulzSchedule
 
@@ -23,7 +23,7 @@ def random_bank(*shape, seed=0, dtype=torch.float32):
 @pytest.mark.parametrize("shape", [(3, 45, 77), (2, 33, 33), (1, 70, 20)])
 def test_symmetric_product_matches_fp64_and_is_exactly_symmetric(shape):
     x = random_bank(*shape)
-    out = ns.symmetric_product(x, alpha=0.5)
+    out = ns.launch_symmetric_product(x, alpha=0.5)
     expected = 0.5 * x.double() @ x.double().mT
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
     assert torch.equal(out, out.mT)  # lower tiles are the mirrored upper tiles, bit for bit
@@ -31,9 +31,9 @@ def test_symmetric_product_matches_fp64_and_is_exactly_symmetric(shape):
 
 def test_symmetric_product_with_addend_and_per_matrix_scale():
     x = random_bank(3, 40, 55, seed=1)
-    a = ns.symmetric_product(x)  # symmetric, as the addend must be
+    a = ns.launch_symmetric_product(x)  # symmetric, as the addend must be
     scale = torch.tensor([0.5, 2.0, 0.1], device=DEVICE)
-    out = ns.symmetric_product(a, alpha=-1.5, c=a, beta=3.0, scale=scale)
+    out = ns.launch_symmetric_product(a, alpha=-1.5, c=a, beta=3.0, scale=scale)
     a64 = a.double()
     expected = -1.5 * scale.double()[:, None, None] ** 2 * (a64 @ a64) + 3.0 * a64
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-2)
@@ -44,7 +44,7 @@ def test_polynomial_step_matches_fp64(m, n):
     b = random_bank(2, m, m, seed=2)
     x = random_bank(2, m, n, seed=3)
     scale = torch.tensor([0.25, 3.0], device=DEVICE)
-    out = ns.polynomial_step(b, x, a=3.4445, multiplier=0.7, scale=scale)
+    out = ns.launch_polynomial_step(b, x, a=3.4445, multiplier=0.7, scale=scale)
     expected = 0.7 * scale.double()[:, None, None] * (3.4445 * x.double() + b.double() @ x.double())
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
 
@@ -88,7 +88,7 @@ def test_singular_values_follow_the_scalar_polynomial_and_land_in_the_band(sched
 
 
 def test_flop_count_of_prx_small_matches_the_recipe():
-    """RECIPE section 9: 48 TFLOP of Newton-Schulz work for the 112 block matrices."""
+    """docs/recipe.md section 9: 48 TFLOP of Newton-Schulz work for the 112 block matrices."""
     d, mlp = 1792, 6272
     shapes = [(3 * d, d), (d, d), (2 * d, d), (mlp, d), (mlp, d), (d, mlp), (6 * d, d)]
     nominal = 16 * sum(ns.newton_schulz_flops(r, c, 5) for r, c in shapes)
@@ -103,7 +103,7 @@ def test_bad_input_names_the_problem():
     with pytest.raises(TypeError, match="dtype"):
         ns.newton_schulz(torch.zeros(1, 4, 4, dtype=torch.int32), JORDAN_5)
     with pytest.raises(ValueError, match="B has shape"):
-        ns.polynomial_step(torch.zeros(1, 3, 3), torch.zeros(1, 4, 5), 1.0)
+        ns.launch_polynomial_step(torch.zeros(1, 3, 3), torch.zeros(1, 4, 5), 1.0)
 
 
 @pytest.mark.gpu

@@ -84,12 +84,11 @@ def test_gradients_reach_the_projector_and_hidden_but_not_the_teacher(teacher):
     assert all(p.grad is None for p in teacher.model.parameters())
 
 
-def test_the_triton_path_takes_teacher_tokens_as_they_come(teacher, monkeypatch):
+def test_the_triton_path_takes_teacher_tokens_as_they_come(teacher):
     """On CUDA repa_loss runs the Triton gather and cosine kernels, which have their own layout
     rules (teacher tokens are a strided slice past CLS and registers); here they run on the CPU
     under the Triton interpreter and must agree with the reference."""
     pytest.importorskip("triton")
-    from kernels import losses
 
     torch.manual_seed(4)
     images = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8)
@@ -99,9 +98,8 @@ def test_the_triton_path_takes_teacher_tokens_as_they_come(teacher, monkeypatch)
     projector = RepaProjector(24, 40, teacher.hidden_size)
     expected = repa_loss(projector(hidden), targets, keep_idx)
     (grad_expected,) = torch.autograd.grad(expected, hidden)
-    monkeypatch.setattr(kernels, "_use_triton", lambda x: True)
-    monkeypatch.setattr(kernels, "_loss_impl", lambda x: losses)
-    loss = repa_loss(projector(hidden), targets, keep_idx)
-    (grad,) = torch.autograd.grad(loss, hidden)
+    with kernels.pinned("triton"):
+        loss = repa_loss(projector(hidden), targets, keep_idx)
+        (grad,) = torch.autograd.grad(loss, hidden)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, grad_expected, rtol=1e-4, atol=1e-6)

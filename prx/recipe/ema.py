@@ -1,4 +1,4 @@
-"""EMA of the model's weights (RECIPE section 6): decay 0.999 applied every 10 optimizer steps;
+"""EMA of the model's weights (docs/recipe.md section 6): decay 0.999 applied every 10 optimizer steps;
 sampling and evaluation use it.
 
 Plain code the loop calls, no hooks:
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from prx.run.parallel import canonical_name
+from prx.names import canonical_name
 
 
 def _reshard(model: nn.Module) -> None:
