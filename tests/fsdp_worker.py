@@ -4,8 +4,8 @@ torchrun by tests/test_parallel.py and tests/test_train_gpu.py; exits non-zero w
 checks' messages.
 
 1. Forward and every gradient with bf16 compute (FSDP2's bf16 parameters under autocast): no
-   further from the fp32 model than plain autocast is, within twice its error (DESIGN.md's rule).
-2. Parameters and gradients stay fp32 (RECIPE section 6: bf16-stored weights cost 3.7 FID).
+   further from the fp32 model than plain autocast is, within twice its error (the low-precision rule of docs/architecture.md).
+2. Parameters and gradients stay fp32 (docs/recipe.md section 6: bf16-stored weights cost 3.7 FID).
 3. One Muon + Adam step from the same gradients: the sharded path (rows all-to-all'd to the
    matrix's owner over NCCL, as uint8) moves every parameter exactly as the unsharded one does.
 """
@@ -42,7 +42,7 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 def forward_backward(model, inputs, autocast: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     x, t, text, mask, grid = inputs
     with torch.autocast(x.device.type, torch.bfloat16, enabled=autocast):
-        out = model(x, t, text, mask, grid)
+        out = model(x, t, text, mask, grid).x_hat
     (out.float().square().mean() + out.float().mean()).backward()
     return out.detach(), {name: full(p.grad) for name, p in model.named_parameters()}
 

@@ -25,6 +25,15 @@ def test_bad_choice_is_refused():
         train.main(["--set", "model.fused_ops=fast", "--steps", "1"])
 
 
+def test_the_option_reaches_every_norm_including_the_final_layer():
+    """Built on any device (the kernels run only in forward): every module with a fused switch has
+    it on, the final layer's LayerNorm included, and none has it by default."""
+    fused = PRX(dataclasses.replace(CFG, fused_ops="liger"))
+    switches = [m.fused for m in fused.modules() if hasattr(m, "fused")]
+    assert len(switches) > 2 * CFG.depth and all(switches) and fused.final.fused
+    assert not any(m.fused for m in PRX(CFG).modules() if hasattr(m, "fused"))
+
+
 def twin_models(device):
     torch.manual_seed(0)
     plain = PRX(CFG).to(device)
@@ -49,14 +58,14 @@ def test_liger_model_matches_torch_within_twice_torch_rounding():
     device = torch.device("cuda")
     plain, fused = twin_models(device)
     x, t, text, mask, grid = inputs(device)
-    reference = plain(x, t, text, mask, grid)  # fp32
+    reference = plain(x, t, text, mask, grid).x_hat  # fp32
     reference.square().mean().backward()
     ref_grads = {n: p.grad.clone() for n, p in plain.named_parameters()}
     plain.zero_grad()
     results = {}
     for name, model in (("torch", plain), ("liger", fused)):
         with torch.autocast("cuda", torch.bfloat16):
-            out = model(x, t, text, mask, grid).float()
+            out = model(x, t, text, mask, grid).x_hat.float()
         out.square().mean().backward()
         results[name] = (out, {n: p.grad.clone() for n, p in model.named_parameters()})
     bound = 2 * (results["torch"][0] - reference).abs().max() + 1e-3

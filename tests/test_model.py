@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
+from prx.config import ModelConfig, prx_small_512, prx_small_1024, tiny
 from prx.model.attention import KeyPadding, apply_rope, attention, grid_positions, rope_angles
-from prx.config import ModelConfig, prx_small_1024, prx_small_512, tiny
 from prx.model.denoiser import PRX, count_parameters
 
 SMALL = ModelConfig(patch_size=4, bottleneck_dim=16, hidden_dim=64, depth=2, num_heads=4,
@@ -15,7 +15,7 @@ SMALL = ModelConfig(patch_size=4, bottleneck_dim=16, hidden_dim=64, depth=2, num
 
 
 def expected_parameters(c: ModelConfig) -> int:
-    """RECIPE section 1 counted by hand: weights + biases of every linear, norm scales."""
+    """docs/recipe.md section 1 counted by hand: weights + biases of every linear, norm scales."""
     h, p, m, d = c.hidden_dim, c.patch_dim, c.mlp_hidden_dim, c.head_dim
     embed = (p * c.bottleneck_dim + c.bottleneck_dim) + (c.bottleneck_dim * h + h)
     time = (c.time_embed_dim * h + h) + (h * h + h)
@@ -57,7 +57,7 @@ def randomize(model, seed=0):
 def test_zero_init_predicts_zero():
     model = PRX(SMALL)
     x, t, text = inputs(SMALL)
-    out = model(x, t, text, None, (3, 5))
+    out = model(x, t, text, None, (3, 5)).x_hat
     assert out.shape == x.shape
     assert torch.count_nonzero(out) == 0
     # ...and every block starts as the identity: its gates are zero
@@ -70,12 +70,12 @@ def test_padded_text_equals_truncated_text():
     lengths = [9, 4, 1]
     mask = torch.arange(9)[None] < torch.tensor(lengths)[:, None]
     garbage = torch.where(mask[..., None], text, 1e3 * torch.randn_like(text))
-    batched = model(x, t, garbage, mask, (3, 5))
+    batched = model(x, t, garbage, mask, (3, 5)).x_hat
     for i, n in enumerate(lengths):
-        alone = model(x[i:i + 1], t[i:i + 1], text[i:i + 1, :n], None, (3, 5))
+        alone = model(x[i:i + 1], t[i:i + 1], text[i:i + 1, :n], None, (3, 5)).x_hat
         torch.testing.assert_close(batched[i:i + 1], alone, rtol=1e-5, atol=1e-5)
     # the mask matters: without it the garbage changes the output
-    assert not torch.allclose(model(x, t, garbage, None, (3, 5)), batched, atol=1e-3)
+    assert not torch.allclose(model(x, t, garbage, None, (3, 5)).x_hat, batched, atol=1e-3)
 
 
 def test_grid_must_match_tokens():
@@ -141,7 +141,7 @@ def test_key_padding_is_built_once_as_a_broadcast_mask():
 def test_gradients_reach_every_parameter():
     model = randomize(PRX(SMALL))
     x, t, text = inputs(SMALL)
-    model(x, t, text, None, (3, 5)).square().mean().backward()
+    model(x, t, text, None, (3, 5)).x_hat.square().mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
 

@@ -36,8 +36,8 @@ def test_probability_zero_equals_dense():
     model, (x, t, text, mask) = random_model(), inputs()
     route = plan_route(dataclasses.replace(ON, probability=0.0), CFG.depth, 15, route_seeds(0, 0, [0, 1, 2], "cpu"))
     assert route.keep_idx.shape == (3, 15)
-    dense = model(x, t, text, mask, GRID)
-    torch.testing.assert_close(model(x, t, text, mask, GRID, route=route), dense, rtol=1e-6, atol=1e-6)
+    dense = model(x, t, text, mask, GRID).x_hat
+    torch.testing.assert_close(model(x, t, text, mask, GRID, route=route).x_hat, dense, rtol=1e-6, atol=1e-6)
 
 
 def test_routed_tokens_skip_the_span_unchanged_and_kept_tokens_keep_their_positions():
@@ -55,7 +55,7 @@ def test_routed_tokens_skip_the_span_unchanged_and_kept_tokens_keep_their_positi
     model.blocks[route.start - 1].register_forward_hook(record("full_before"))  # all tokens
     model.blocks[route.start].register_forward_pre_hook(record("before"))  # the kept tokens only
     model.blocks[route.end + 1].register_forward_pre_hook(record("after"))  # all tokens, rejoined
-    out = model(x, t, text, mask, GRID, route=route)
+    out = model(x, t, text, mask, GRID, route=route).x_hat
     routed = torch.ones(3, 15, dtype=torch.bool)
     routed[torch.arange(3)[:, None], route.keep_idx] = False
     full_before = seen["full_before"]
@@ -98,7 +98,9 @@ def test_capture_returns_the_kept_tokens_inside_the_span():
     assert hidden.shape == (3, route.keep_idx.shape[1], CFG.hidden_dim)
     _, dense_hidden = model(x, t, text, mask, GRID, capture=3)
     assert dense_hidden.shape == (3, 15, CFG.hidden_dim)
-    torch.testing.assert_close(out, model(x, t, text, mask, GRID, route=route))
+    uncaptured = model(x, t, text, mask, GRID, route=route)
+    assert type(uncaptured) is type(model(x, t, text, mask, GRID, capture=1)) and uncaptured.captured is None
+    torch.testing.assert_close(out, uncaptured.x_hat)
 
 
 def test_selection_is_keyed_by_seed_step_and_slot():

@@ -7,7 +7,7 @@ SDPA; packed keys with cumulative lengths for FlashAttention's variable-length k
 block reuses it.
 
 Backends: FlashAttention 3 (`flash_attn_interface`) or 2 (`flash_attn`) when importable on a
-GPU, else PyTorch SDPA with cuDNN preferred (RECIPE section 9: cuDNN 1.6 ms vs 2.4 ms for the
+GPU, else PyTorch SDPA with cuDNN preferred (docs/recipe.md section 9: cuDNN 1.6 ms vs 2.4 ms for the
 FlashAttention-2 backend at the 1024 px shape), and a plain `math` version used as a reference.
 """
 

@@ -1,4 +1,4 @@
-"""The PRX denoiser (RECIPE section 1): a single-stream DiT in pixel space that predicts x.
+"""The PRX denoiser (docs/recipe.md section 1): a single-stream DiT in pixel space that predicts x.
 
 Only image tokens flow through the blocks; text is projected once (`txt_in`) and each block
 turns it into keys and values that image queries attend to, text first. The model works in
@@ -12,11 +12,14 @@ Shapes of PRX small: hidden 1792, 16 blocks, 28 heads of 64, MLP 6272, patch 32;
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prx.config import ModelConfig
+from prx.model import liger
 from prx.model.attention import (
     KeyPadding,
     apply_rope,
@@ -26,8 +29,6 @@ from prx.model.attention import (
     resolve_backend,
     rope_angles,
 )
-from prx.model import liger
-from prx.config import ModelConfig
 from prx.model.tread import TokenRoute
 
 NORM_EPS = 1e-6
@@ -155,14 +156,24 @@ class PRXBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, hidden_dim: int, patch_dim: int):
+    def __init__(self, hidden_dim: int, patch_dim: int, fused: bool = False):
         super().__init__()
         self.modulation = nn.Linear(hidden_dim, 2 * hidden_dim)  # shift, scale
         self.linear = nn.Linear(hidden_dim, patch_dim)
+        self.fused = fused  # the blocks' LayerNorm choice (model.fused_ops=liger)
 
     def forward(self, img: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         shift, scale = self.modulation(cond)[:, None].chunk(2, dim=-1)
-        return self.linear(modulate(layer_norm(img), shift, scale))
+        return self.linear(modulate(layer_norm(img, self.fused), shift, scale))
+
+
+class PRXOutput(NamedTuple):
+    """What the denoiser returns, with or without a captured hidden state."""
+
+    x_hat: torch.Tensor  # predicted clean patches (B, N, 3*p*p)
+    # the hidden state after block `capture`, through the REPA projector when the model has one:
+    # (B, K, ...) if the block is inside the TREAD route's span, else (B, N, ...); None without capture
+    captured: torch.Tensor | None = None
 
 
 class PRX(nn.Module):
@@ -176,8 +187,8 @@ class PRX(nn.Module):
         self.time_in = TimestepEmbedding(cfg.time_embed_dim, h)
         self.txt_in = nn.Linear(cfg.text_dim, h)
         self.blocks = nn.ModuleList(PRXBlock(cfg) for _ in range(cfg.depth))
-        self.final = FinalLayer(h, cfg.patch_dim)
-        # REPA (RECIPE section 4): trained with the denoiser, so it lives here and shares its data
+        self.final = FinalLayer(h, cfg.patch_dim, cfg.fused_ops == "liger")
+        # REPA (docs/recipe.md section 4): trained with the denoiser, so it lives here and shares its data
         # parallelism, optimizer and checkpoints; it maps the `capture`d hidden state. Sampling
         # never uses it.
         self.repa_projector = repa_projector
@@ -205,15 +216,14 @@ class PRX(nn.Module):
         grid: tuple[int, int],
         route: TokenRoute | None = None,
         capture: int | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> PRXOutput:
         """x_t (B, N, 3*p*p) noisy patches, t (B,), text (B, T, text_dim), text_mask (B, T) bool
         (True = real token; None = all real), grid = (rows, columns) of patches with N = rows*cols.
-        Returns x-hat in the same patch layout.
+        Returns x-hat in the same patch layout, and the captured hidden state (`PRXOutput`).
 
         `route` (TREAD): only the route's kept tokens run blocks route.start..route.end, with
         their own positions; the others skip them unchanged. `capture`: also return the hidden
-        state after that block, through the REPA projector when the model has one: (B, K, ...)
-        if the block is inside the route's span, else (B, N, ...).
+        state after that block (REPA), through the REPA projector when the model has one.
         """
         if x_t.shape[1] != grid[0] * grid[1]:
             raise ValueError(f"{x_t.shape[1]} tokens do not fill a {grid[0]}x{grid[1]} patch grid")
@@ -237,10 +247,10 @@ class PRX(nn.Module):
             if route is not None and i == route.end:  # and rejoin, unchanged
                 img = route.scatter(img, full)
                 _, rope, pad = dense
-        out = self.final(img, cond)
-        if capture is None:
-            return out
-        return out, hidden if self.repa_projector is None else self.repa_projector(hidden)
+        x_hat = self.final(img, cond)
+        if hidden is not None and self.repa_projector is not None:
+            hidden = self.repa_projector(hidden)
+        return PRXOutput(x_hat, hidden)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -250,7 +260,7 @@ def count_parameters(model: nn.Module) -> int:
 def training_flops_per_image(cfg: ModelConfig, image_tokens: int, text_tokens: int) -> float:
     """Matmul FLOPs of one image through forward and backward (3x forward), dense.
 
-    PRX small at 1024 px (1024 tokens) with 256 text tokens: 5.23 TFLOP, as RECIPE section 9.
+    PRX small at 1024 px (1024 tokens) with 256 text tokens: 5.23 TFLOP, as docs/recipe.md section 9.
     """
     h, n, t, m = cfg.hidden_dim, image_tokens, text_tokens, cfg.mlp_hidden_dim
     per_block = (

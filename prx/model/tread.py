@@ -1,4 +1,4 @@
-"""TREAD token routing (Krause et al. 2025; RECIPE section 3): which image tokens skip which blocks.
+"""TREAD token routing (Krause et al. 2025; docs/recipe.md section 3): which image tokens skip which blocks.
 
 In training, a random share `probability` of each sample's image tokens is taken out before
 block `start` and put back, unchanged, after block `end` (inclusive); the kept tokens run the
@@ -67,5 +67,5 @@ def plan_route(cfg: TreadConfig, depth: int, num_tokens: int, seeds: torch.Tenso
 
 
 def self_guided(routed: torch.Tensor, dense: torch.Tensor, weight: float) -> torch.Tensor:
-    """Self-guidance on x-hat (RECIPE section 3): routed + w * (dense - routed)."""
+    """Self-guidance on x-hat (docs/recipe.md section 3): routed + w * (dense - routed)."""
     return routed + weight * (dense - routed)

@@ -1,4 +1,4 @@
-"""DINO perceptual loss on the x-prediction (PixelGen; RECIPE section 5), as an explicit call.
+"""DINO perceptual loss on the x-prediction (PixelGen; docs/recipe.md section 5), as an explicit call.
 
 Per sample: mean over patch tokens of 1 - cos(f(x-hat), f(x)), f a frozen DINOv2 ViT-B/14 with
 registers (`prx.recipe.teachers.load_dino(cfg.perceptual.dino_teacher, ...)`) on the image mapped to
@@ -25,9 +25,9 @@ def _encoder_input(images: torch.Tensor, resolution: int) -> torch.Tensor:
     return pixels
 
 
-def dino_perceptual_loss(teacher: FrozenDino, x_hat: torch.Tensor, x: torch.Tensor,
-                         resolution: int = 224) -> torch.Tensor:
-    """(B,) fp32 per-sample loss (weight and mean are the caller's: weight 0.01, optional t mask).
+def dino_perceptual_distance(teacher: FrozenDino, x_hat: torch.Tensor, x: torch.Tensor,
+                             resolution: int = 224) -> torch.Tensor:
+    """(B,) fp32: per sample, the mean over patch tokens of 1 - cos(f(x_hat), f(x)).
 
     x_hat: the prediction (B, 3, H, W) in [-1, 1], any float dtype; x: the clean image, uint8 or
     float in [-1, 1]. resolution must be a multiple of the teacher's patch (224 = 16 x 14).
@@ -40,3 +40,9 @@ def dino_perceptual_loss(teacher: FrozenDino, x_hat: torch.Tensor, x: torch.Tens
     pred = teacher.patch_tokens(_encoder_input(x_hat, resolution))
     _, cos_per_sample = kernels.cosine_alignment(pred, target)
     return 1.0 - cos_per_sample
+
+
+def dino_perceptual_loss(teacher: FrozenDino, x_hat: torch.Tensor, x: torch.Tensor, weight: float,
+                         resolution: int = 224) -> torch.Tensor:
+    """The weighted term of the training loss: weight * mean over samples of the distance (PRX: 0.01)."""
+    return weight * dino_perceptual_distance(teacher, x_hat, x, resolution).mean()

@@ -1,6 +1,6 @@
 """x-prediction flow matching (Li & He 2025, "Back to Basics") and its Euler sampler.
 
-RECIPE section 2. Convention: t = 0 is data, t = 1 is noise, x_t = (1 - t) x + t eps.
+docs/recipe.md section 2. Convention: t = 0 is data, t = 1 is noise, x_t = (1 - t) x + t eps.
 The network predicts the clean x; the loss is taken on velocities, v = (x_t - x) / max(t, 0.05),
 which weights the x error by 1 / max(t, 0.05)^2: low-noise samples count up to 400 times more.
 Everything here works on any layout (the trainer uses patches, (B, L, 3*p*p)).
@@ -37,16 +37,6 @@ def sample_timesteps(n: int, cfg: FlowConfig, generator: torch.Generator, device
     return t.clamp(cfg.t_min, 1.0 - 2.0**-24)
 
 
-def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
-
-
-def add_noise(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, noise_scale: float = 1.0):
-    """x_t = (1 - t) x + t * noise_scale * eps."""
-    t = _per_sample(t, x)
-    return (1 - t) * x + t * (noise_scale * noise)
-
-
 def flow_loss(x_hat: torch.Tensor, x: torch.Tensor, t: torch.Tensor, t_floor: float = 0.05,
               weight: torch.Tensor | None = None):
     """Velocity-space loss of an x-prediction: (mean loss, per-sample losses (B,)), fp32.
@@ -54,7 +44,7 @@ def flow_loss(x_hat: torch.Tensor, x: torch.Tensor, t: torch.Tensor, t_floor: fl
     v_hat - v = ((x_t - x_hat) - (x_t - x)) / max(t, t_floor) = (x - x_hat) / max(t, t_floor),
     so x_t is not needed. per_sample is unweighted (it feeds the per-t-bin log); the mean is
     mean_b(weight_b * per_sample_b), weight 1 when None. On CUDA tensors the fused Triton kernel
-    (`kernels.losses.flow_loss`: one pass forward, one backward); elsewhere the reference.
+    (`kernels/flow_matching.py`: one pass forward, one backward); elsewhere the reference.
     """
     return kernels.flow_loss(x_hat, x, t, t_floor, weight)
 

@@ -1,4 +1,4 @@
-"""LPIPS perceptual loss on the x-prediction (RECIPE section 5), in plain torch.
+"""LPIPS perceptual loss on the x-prediction (docs/recipe.md section 5), in plain torch.
 
 loss = weight * mean_b [t_b <= t_max] * LPIPS(down(x_hat_b), down(x_b)), where down is a 0.5x
 bilinear resize of the full image and LPIPS is the `lpips` package's v0.1 VGG metric: its input
@@ -128,14 +128,14 @@ def downsample(x: Tensor, scale: float) -> Tensor:
 
 
 class LPIPSLoss:
-    """The weighted LPIPS term of the training loss. Call: `loss, per_sample = lpips(x_hat, x, t)`.
+    """The weighted LPIPS term of the training loss: `lpips(x_hat, x, t)` is the scalar to add.
 
     x_hat, x: (B, 3, H, W) in [-1, 1]; t: (B,) noise levels or None (all samples count).
-    loss: weight * sum_b(mask_b * d_b) / B, a scalar to add to the training loss as is (this class
-    applies `weight`). The mean is over all B samples, masked ones adding 0, so a sample's weight
-    does not depend on how many others pass the threshold (as in the flow loss' per-sample mean).
-    per_sample: d_b (B,), fp32, unweighted and unmasked, for per-t logging. Masked samples still
-    run through the VGG: static shapes beat the saving when t_max < 1 (PRX default: 1).
+    loss = weight * sum_b(mask_b * d_b) / B (this class applies `weight`). The mean is over all B
+    samples, masked ones adding 0, so a sample's weight does not depend on how many others pass
+    the threshold (as in the flow loss' per-sample mean). `distance(x_hat, x)` gives d_b (B,),
+    fp32, unweighted and unmasked. Masked samples still run through the VGG: static shapes beat
+    the saving when t_max < 1 (PRX default: 1).
 
     Deliberately not an nn.Module (like `prx.recipe.teachers.FrozenDino`): kept as an attribute of the
     model or the trainer, its VGG registers nowhere, so it stays out of state_dict (checkpoints),
@@ -180,14 +180,18 @@ class LPIPSLoss:
         scaled = (downsample(images.float(), self.scale) - self.shift) * self.inv_scale
         return self.vgg(scaled.to(self.vgg.features[0].weight.dtype))
 
-    def __call__(self, x_hat: Tensor, x: Tensor, t: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def distance(self, x_hat: Tensor, x: Tensor) -> Tensor:
+        """LPIPS(down(x_hat_b), down(x_b)) per sample, (B,) fp32; gradient to x_hat only."""
         if x_hat.shape != x.shape or x_hat.dim() != 4 or x_hat.shape[1] != 3:
             raise ValueError(f"LPIPS wants x_hat and x of one shape (B, 3, H, W), got "
                              f"{tuple(x_hat.shape)} and {tuple(x.shape)}")
         with torch.no_grad():  # the target: forward only, its activations freed at once
             targets = self.features(x)
-        per_sample = kernels.lpips_distance(self.features(x_hat), targets, self.heads)
-        if t is None or self.t_max >= 1.0:  # t < 1 always (RECIPE section 2): nothing to mask
-            return self.weight * per_sample.mean(), per_sample
+        return kernels.lpips_distance(self.features(x_hat), targets, self.heads)
+
+    def __call__(self, x_hat: Tensor, x: Tensor, t: Tensor | None = None) -> Tensor:
+        per_sample = self.distance(x_hat, x)
+        if t is None or self.t_max >= 1.0:  # t < 1 always (docs/recipe.md section 2): nothing to mask
+            return self.weight * per_sample.mean()
         mask = (t.detach().reshape(-1) <= self.t_max).to(per_sample.device, per_sample.dtype)
-        return self.weight * (mask * per_sample).mean(), per_sample
+        return self.weight * (mask * per_sample).mean()

@@ -1,4 +1,4 @@
-"""REPA representation alignment (Yu et al. 2024; RECIPE section 4), as explicit calls.
+"""REPA representation alignment (Yu et al. 2024; docs/recipe.md section 4), as explicit calls.
 
 The loop runs the frozen teacher on the clean image (`teacher_targets`), takes the denoiser's
 hidden state after block `repa.block`, and adds `repa_loss`:

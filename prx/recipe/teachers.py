@@ -1,4 +1,4 @@
-"""Frozen DINO encoders: the REPA teacher (RECIPE section 4) and the DINO perceptual loss (section 5).
+"""Frozen DINO encoders: the REPA teacher (docs/recipe.md section 4) and the DINO perceptual loss (section 5).
 
 `load_dino` loads DINOv2 (with or without registers) or DINOv3 ViT weights in the transformers
 format, from a directory or the Hugging Face cache, never from the network; a missing model

@@ -16,9 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from prx.recipe.flow import T_BIN_NAMES
-
-# The terms of the training loss (RECIPE sections 2, 4, 5), logged as their weighted values.
-LOSS_TERMS = ("diffusion", "repa", "lpips", "dino")
+from prx.recipe.loss_terms import LOSS_TERMS
 
 
 class RunLog:
