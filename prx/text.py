@@ -130,3 +130,29 @@ class CaptionTable:
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.packed[self.offsets[i] : self.offsets[i + 1]]
+
+
+class BatchCaptions:
+    """The caption embeddings of the loop's batches, the empty caption's where a caption is dropped
+    (classifier-free guidance), padded and on the device.
+
+    With a `CaptionTable` (the shapes set: captions known in advance, embedded once) a sample's
+    embedding is looked up by its id; without one (real data) the kept captions of each batch are
+    encoded there and then, and dropped ones are not encoded at all.
+    """
+
+    def __init__(self, tower: TextTower, table: CaptionTable | None = None):
+        self.tower, self.table = tower, table
+        self.empty = tower.empty().cpu() if table is not None else tower.empty()  # where the table lives
+
+    def embed(self, captions: list[str], ids: list[int] | None, dropped: list[bool],
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text (B, T, C), mask (B, T)) for a batch's captions, or its sample `ids` with a table."""
+        if self.table is not None:
+            seqs = [self.empty if drop else self.table[i] for i, drop in zip(ids, dropped)]
+        else:
+            kept = [c for c, drop in zip(captions, dropped) if not drop]
+            encoded = iter(self.tower.encode(kept) if kept else [])
+            seqs = [self.empty if drop else next(encoded) for drop in dropped]
+        text, mask = pad_text(seqs, self.tower.cfg.pad_to_multiple)
+        return text.to(device), mask.to(device)

@@ -8,12 +8,12 @@ import torch
 from prx.run.checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
+    CheckpointWriter,
     checkpoint_dir,
     latest_checkpoint,
     load_model_weights,
     load_train_state,
     read_meta,
-    save_checkpoint,
 )
 
 
@@ -27,8 +27,8 @@ def trained_pair(seed=0):
 
 
 def save(run, step, model, opt, keep=0):
-    return save_checkpoint(run, step, model, opt, {"step": step, "config": {}}, {"torch": torch.get_rng_state()},
-                           keep=keep)
+    return CheckpointWriter(run, keep).save(step, model, opt, {"step": step, "config": {}},
+                                            {"torch": torch.get_rng_state()})
 
 
 def test_save_load_and_latest(tmp_path):

@@ -16,7 +16,7 @@ def test_prx_presets_carry_the_recipe():
         assert cfg.data.resolution == resolution and cfg.train.steps == steps
         assert cfg.tokens_per_image == (resolution // 32) ** 2
         assert (cfg.flow.timestep_shift, cfg.flow.uniform_fraction, cfg.flow.t_floor) == (3.0, 0.1, 0.05)
-        assert (cfg.flow.caption_dropout, cfg.flow.sample_steps, cfg.flow.guidance) == (0.1, 50, 3.5)
+        assert (cfg.flow.caption_dropout, cfg.eval.sample_steps, cfg.eval.guidance) == (0.1, 50, 3.5)
         o = cfg.optim
         assert (o.lr, o.beta1, o.beta2, o.eps, o.weight_decay) == (1e-4, 0.9, 0.95, 1e-8, 0.0)
         assert (o.warmup_steps, o.grad_clip) == (1000, 0.2)
@@ -53,3 +53,17 @@ def test_dict_round_trip(tmp_path):
     assert from_dict(json.loads((tmp_path / "config.json").read_text())) == cfg
     with pytest.raises(ConfigError, match="unknown fields"):
         from_dict({"model": {"bogus": 1}})
+
+
+def test_every_field_has_a_meaning_and_print_config_shows_the_resolved_values(capsys):
+    import train
+    from prx.config import field_meanings
+
+    meanings = field_meanings()
+    assert len(meanings) > 80 and all(meanings.values()), [k for k, v in meanings.items() if not v]
+    assert meanings["flow.t_floor"].startswith("v = (x_t - x) / max(t, t_floor)")
+    assert train.main(["--preset", "tiny", "--set", "model.depth=7", "--print-config"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    depth = next(line for line in lines if line.split()[:1] == ["model.depth"])
+    assert depth.split()[1] == "7" and "number of blocks" in depth
+    assert sum(line.startswith("  ") for line in lines) == len(meanings)  # one line per field

@@ -42,9 +42,10 @@ def test_folder_round_trip_and_bad_input_summary(tmp_path, capsys):
     samples = read_all(tmp_path / "out")
     assert [c for _, c in samples] == [f"caption {n}" for n in range(12) if n != 3]
     # Image bytes are kept as they were (PNG in, PNG out): decoded pixels are identical.
-    from PIL import Image
     import io
+
     import numpy as np
+    from PIL import Image
 
     first = np.asarray(Image.open(io.BytesIO(samples[0][0])))
     assert np.array_equal(first, smooth_image(40, 48, 0))
@@ -61,8 +62,9 @@ def test_jsonl_csv_and_max_side(tmp_path):
         assert run(tmp_path / name, out, "--max-side", "24") == 0
         samples = read_all(out)
         assert [c for _, c in samples] == [f"row {n}" for n in range(4)]
-        from PIL import Image
         import io
+
+        from PIL import Image
 
         assert all(max(Image.open(io.BytesIO(b)).size) == 24 for b, _ in samples)
     assert source.exists()

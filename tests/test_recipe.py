@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import train
-from prx.run.checkpoint import load_model_weights, read_meta
 from prx.config import from_dict
 from prx.model.denoiser import PRX
+from prx.run.checkpoint import load_model_weights, read_meta
 from tests.test_lpips import CHANNELS, vgg16_state
+from tests.test_train import straight_and_resumed
 from tests.tiny_dino import save_tiny_dino
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,11 +71,8 @@ def test_every_piece_on_trains_and_logs_each_term(tmp_path, teachers):
 
 
 def test_every_piece_on_resumes_exactly(tmp_path, teachers):
-    common = recipe_args(teachers) + ["--set", "train.checkpoint_every=3"]
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    train.main(common + ["--run-dir", str(straight), "--steps", "6"])
-    train.main(common + ["--run-dir", str(stopped), "--steps", "3"])
-    train.main(common + ["--run-dir", str(stopped), "--steps", "6", "--resume", "auto"])
+    args = recipe_args(teachers) + ["--set", "train.checkpoint_every=3"]
+    straight, stopped = straight_and_resumed(args, tmp_path)
     a, b = records(straight), records(stopped)
     assert [r["step"] for r in b] == list(range(1, 7))
     assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bit-identical

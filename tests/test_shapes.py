@@ -12,10 +12,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prx.data.shapes import (ANCHORS, COLORS, PAIR_GAP, POSITION_PHRASES, POSITION_WORDS,
-                             POSITIONS, SHAPE_WORDS, SHAPES, SIZE_WORDS, Scene,
-                             ShapesDataset, collate, coverage, eval_scenes, make_scene, render_scene)
-from prx.eval.shapes_score import ShapesScore, chance_score, score_images, uniform_chance
+from prx.data.shapes import (
+    ANCHORS,
+    COLORS,
+    PAIR_GAP,
+    POSITION_PHRASES,
+    POSITION_WORDS,
+    POSITIONS,
+    SHAPE_WORDS,
+    SHAPES,
+    SIZE_WORDS,
+    Scene,
+    ShapesDataset,
+    collate,
+    coverage,
+    eval_scenes,
+    make_scene,
+    render_scene,
+)
+from prx.eval.shapes_score import ShapesScore, chance_score, score_images
 
 N_STATS = 2000  # training scenes for frequency checks: ~2800 objects, ~400 per color
 BALANCE_SIGMAS = 4.5  # per-item count tolerance: a real bias (e.g. +25 %) is ~5 std here
@@ -27,6 +42,23 @@ CHANCE_TOL = 0.12  # |noise accuracy - uniform chance|: ~6 std of a 420-object m
 MIN_TEMPLATES = 20  # distinct caption skeletons required over 500 scenes
 MAX_CAPTION_WORDS = 20
 RENDER_MS_MAX = 1.0  # per 32 px image; measured ~0.05 ms, generous for loaded CI
+
+
+def uniform_chance(scenes: list[Scene]) -> dict[str, float]:
+    """Accuracies expected from uniform random guessing on these scenes.
+
+    color: k/#colors per object (top-k rule); shape: 1/#shapes; position: 1/#positions;
+    all_correct: per scene, the chance that all k named colors are the guessed top k
+    (1 / C(#colors, k)) times independent shape and position guesses per object.
+    """
+    n_colors, n_shapes, n_pos = len(COLORS), len(SHAPES), len(POSITIONS)
+    color_hits = sum(len(s.objects) ** 2 / n_colors for s in scenes)  # k objects, k/N each
+    n_obj = sum(len(s.objects) for s in scenes)
+    all_ok = sum(
+        1 / float(np.prod([(n_colors - i) / (i + 1) for i in range(len(s.objects))]))
+        / (n_shapes * n_pos) ** len(s.objects) for s in scenes)
+    return {"color": color_hits / n_obj, "shape": 1 / n_shapes, "position": 1 / n_pos,
+            "all_correct": all_ok / len(scenes)}
 
 
 @pytest.fixture(scope="module")

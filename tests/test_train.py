@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import train
-from prx.eval import sample
-from prx.run.checkpoint import load_model_weights, read_meta
 from prx.config import from_dict
+from prx.eval import sample
 from prx.model.denoiser import PRX
+from prx.run.checkpoint import load_model_weights, read_meta
 from tests.test_parallel import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +27,16 @@ def read_metrics(run_dir: Path, kind="train") -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
+def straight_and_resumed(args: list[str], tmp_path: Path, steps: int = 6) -> tuple[Path, Path]:
+    """The same run twice: straight through, and stopped at half way then resumed with --resume auto
+    (the args must checkpoint at steps // 2). Returns the two run folders."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train.main(args + ["--run-dir", str(straight), "--steps", str(steps)])
+    train.main(args + ["--run-dir", str(stopped), "--steps", str(steps // 2)])
+    train.main(args + ["--run-dir", str(stopped), "--steps", str(steps), "--resume", "auto"])
+    return straight, stopped
+
+
 def test_tiny_training_lowers_the_loss(tmp_path):
     run = tmp_path / "run"
     train.main(SMALL + ["--run-dir", str(run), "--steps", "80", "--lr", "3e-3",
@@ -38,11 +48,7 @@ def test_tiny_training_lowers_the_loss(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    common = SMALL + ["--set", "train.checkpoint_every=3"]
-    train.main(common + ["--run-dir", str(straight), "--steps", "6"])
-    train.main(common + ["--run-dir", str(stopped), "--steps", "3"])
-    train.main(common + ["--run-dir", str(stopped), "--steps", "6", "--resume", "auto"])
+    straight, stopped = straight_and_resumed(SMALL + ["--set", "train.checkpoint_every=3"], tmp_path)
     a, b = read_metrics(straight), read_metrics(stopped)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bit-identical, not just close

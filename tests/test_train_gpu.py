@@ -4,9 +4,9 @@ per-block inductor compile, and FSDP2 over NCCL."""
 
 import pytest
 
-import train
 from tests.test_parallel import run_fsdp_worker
 from tests.test_recipe import recipe_args, records, teachers  # noqa: F401 (teachers: a fixture)
+from tests.test_train import straight_and_resumed
 from tests.tiny_text import WIDTH, save_tiny_text_encoder
 
 pytestmark = pytest.mark.gpu
@@ -32,10 +32,7 @@ def test_recipe_compiled_with_muon_learns_and_resumes(tmp_path, teachers):  # no
                                     "--lr", "3e-3", "--set", "optim.warmup_steps=10",
                                     "--set", "train.device=cuda", "--set", "parallel.compile=true",
                                     "--set", "optim.name=muon", "--set", "train.checkpoint_every=30"]
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    train.main(args + ["--run-dir", str(straight), "--steps", "60"])
-    train.main(args + ["--run-dir", str(stopped), "--steps", "30"])
-    train.main(args + ["--run-dir", str(stopped), "--steps", "60", "--resume", "auto"])
+    straight, stopped = straight_and_resumed(args, tmp_path, steps=60)
 
     a = records(straight)
     first, last = (sum(r["loss_diffusion"] for r in part) / 15 for part in (a[:15], a[-15:]))

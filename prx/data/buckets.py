@@ -1,6 +1,6 @@
 """Aspect-ratio buckets at a fixed token budget, and the resumable order of global batches.
 
-Buckets (RECIPE section 7): every (height, width) that is a multiple of the patch size (32 px in
+Buckets (docs/recipe.md section 7): every (height, width) that is a multiple of the patch size (32 px in
 the PRX presets), has at most resolution^2 pixels (256 tokens at 512 px, 1024 at 1024 px), has
 aspect in [0.5, 2], and is the largest such size for its width or its height. That gives 11
 buckets at 512 px (aspect 0.5 to 2) and 19 at 1024 px (0.52 to 1.91), each within 6 % of the
@@ -16,8 +16,6 @@ batch does not depend on the number of ranks. The position is one integer (batch
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
@@ -132,7 +130,3 @@ def describe_buckets(sizes: list[tuple[int, int]], batches: BucketBatches, multi
     return (f"{len(sizes)} bucket(s), {min(tokens)}-{max(tokens)} tokens; samples per bucket "
             f"(HxW:n) {' '.join(used)}; {batches.batches_per_epoch} batches per epoch, "
             f"{batches.dropped_per_epoch} samples wait for a later epoch")
-
-
-def tokens_in(size: tuple[int, int], multiple: int) -> int:
-    return math.prod(s // multiple for s in size)

@@ -11,8 +11,13 @@ from PIL import Image, ImageDraw, ImageFont
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    """(B, 3, H, W) float in [-1, 1] (or already uint8) -> (B, H, W, 3) uint8 numpy, quantised as
+    a saved sample is, so a float image and its saved PNG score the same."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected (B, 3, H, W) images, got {tuple(images.shape)}")
+    x = images.detach().cpu()
+    if x.dtype != torch.uint8:
+        x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).numpy()
 
 

@@ -13,13 +13,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from prx.run.checkpoint import CheckpointError, load_model_weights, read_meta
 from prx.config import from_dict
-from prx.run.distributed import pick_device
 from prx.eval.grids import save_grid, save_images
 from prx.eval.sampling import generate
-from prx.model.denoiser import PRX
 from prx.hub import PretrainedMissing
+from prx.model.denoiser import PRX
+from prx.run.checkpoint import CheckpointError, load_model_weights, read_meta
+from prx.run.distributed import pick_device
 from prx.text import TextTower
 
 
@@ -28,8 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory (runs/NAME/checkpoints/step_*)")
     p.add_argument("--prompt", action="append", required=True, help="caption (repeatable)")
     p.add_argument("--count", type=int, default=1, help="images per prompt")
-    p.add_argument("--steps", type=int, help="Euler steps (default: the config's flow.sample_steps)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance weight (1 = none)")
+    p.add_argument("--steps", type=int, help="Euler steps (default: the config's eval.sample_steps)")
+    p.add_argument("--guidance", type=float,
+                   help="classifier-free guidance weight (1 = none; default: the config's eval.guidance)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, help="image side in px, a multiple of the patch size")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from kernels.ref import unpatchify
+from kernels import unpatchify
+from prx import precision
 from prx.config import Config
-from prx.recipe.flow import euler_sample, guided
 from prx.model.denoiser import PRX
+from prx.model.tread import plan_route, route_seeds, self_guided
+from prx.recipe.flow import euler_sample, guided
 from prx.rng import per_sample_normal
 from prx.text import TextTower, pad_text
-from prx.model.tread import plan_route, route_seeds, self_guided
 
 
 @torch.no_grad()
@@ -35,17 +36,17 @@ def generate(
     set gives comparable samples at every evaluation, in any batch size and split over ranks.
     """
     resolution = resolution or cfg.data.resolution
-    steps = steps or cfg.flow.sample_steps
-    guidance = cfg.flow.guidance if guidance is None else guidance
+    steps = steps or cfg.eval.sample_steps
+    guidance = cfg.eval.guidance if guidance is None else guidance
     p = cfg.model.patch_size
     grid = (resolution // p, resolution // p)
     device = next(model.parameters()).device
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    autocast = precision.autocast(cfg.train.precision, device)  # the run's precision
     slots = list(range(len(captions))) if noise_slots is None else noise_slots
     shape = (grid[0] * grid[1], cfg.model.patch_dim)
     noise = cfg.flow.noise_scale * per_sample_normal(shape, seed, 0, slots, torch.device("cpu"))
     # TREAD self-guidance replaces CFG when set: routed + w (dense - routed), both with the
-    # prompt; each sample's routed pass keeps one selection for all steps (RECIPE section 3).
+    # prompt; each sample's routed pass keeps one selection for all steps (docs/recipe.md section 3).
     self_guidance = cfg.tread.self_guidance if cfg.tread.enabled else 0.0
     use_cfg = guidance != 1.0 and not self_guidance
     images = []
@@ -60,12 +61,12 @@ def generate(
         def denoise(x, sigma):
             with autocast:
                 if self_guidance:
-                    dense = model(x, sigma, text, mask, grid).float()
-                    routed = model(x, sigma, text, mask, grid, route=route).float()
+                    dense = model(x, sigma, text, mask, grid).x_hat.float()
+                    routed = model(x, sigma, text, mask, grid, route=route).x_hat.float()
                     return self_guided(routed, dense, self_guidance)
                 if not use_cfg:
-                    return model(x, sigma, text, mask, grid).float()
-                both = model(torch.cat([x, x]), torch.cat([sigma, sigma]), text, mask, grid).float()
+                    return model(x, sigma, text, mask, grid).x_hat.float()
+                both = model(torch.cat([x, x]), torch.cat([sigma, sigma]), text, mask, grid).x_hat.float()
             cond, uncond = both.chunk(2)
             return guided(cond, uncond, guidance)
 

@@ -45,8 +45,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from prx.data.shapes import (ANCHORS, BACKGROUND, COLORS, POSITIONS, SHAPES, Scene,
-                             coverage, render_scene)
+from prx.data.shapes import ANCHORS, BACKGROUND, COLORS, POSITIONS, SHAPES, Scene, coverage, render_scene
+from prx.eval.grids import to_uint8
 
 RESIDUAL_MAX = 80.0
 """Max RGB distance from a pixel to its color segment: > 4x the typical residual (~18) of
@@ -102,20 +102,6 @@ class ObjectJudgement:
     color_ok: bool
     shape: str  # predicted shape (forced choice)
     position: str  # predicted position (forced choice)
-
-
-def _to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) uint8, or float in [-1, 1] -> uint8 numpy (B, H, W, 3).
-
-    Float inputs are quantised exactly as a saved sample would be, so a float image and
-    its uint8 version get the same score.
-    """
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected (B, 3, H, W) images, got {tuple(images.shape)}")
-    x = images.detach().cpu()
-    if x.dtype != torch.uint8:
-        x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
 
 
 def classify_pixels(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -262,7 +248,7 @@ def judge_image(image: np.ndarray, scene: Scene) -> list[ObjectJudgement]:
 def score_images(images: torch.Tensor, scenes: Sequence[Scene]) -> ShapesScore:
     """Score generated images (B, 3, H, W; uint8 or float in [-1, 1]) against the scenes
     they were generated for."""
-    arrays = _to_uint8(images)
+    arrays = to_uint8(images)
     if len(arrays) != len(scenes):
         raise ValueError(f"{len(arrays)} images for {len(scenes)} scenes")
     if arrays.shape[1] != arrays.shape[2]:
@@ -294,20 +280,3 @@ def chance_score(scenes: Sequence[Scene], resolution: int, seed: int) -> ShapesS
     source[order] = np.roll(order, -1)  # one cycle through a random order: no fixed point
     images = np.stack([render_scene(scenes[j], resolution) for j in source])
     return score_images(torch.from_numpy(images), scenes)
-
-
-def uniform_chance(scenes: Sequence[Scene]) -> dict[str, float]:
-    """Accuracies expected from uniform random guessing on these scenes.
-
-    color: k/#colors per object (top-k rule); shape: 1/#shapes; position: 1/#positions;
-    all_correct: per scene, the chance that all k named colors are the guessed top k
-    (1 / C(#colors, k)) times independent shape and position guesses per object.
-    """
-    n_colors, n_shapes, n_pos = len(COLORS), len(SHAPES), len(POSITIONS)
-    color_hits = sum(len(s.objects) ** 2 / n_colors for s in scenes)  # k objects, k/N each
-    n_obj = sum(len(s.objects) for s in scenes)
-    all_ok = sum(
-        1 / float(np.prod([(n_colors - i) / (i + 1) for i in range(len(s.objects))]))
-        / (n_shapes * n_pos) ** len(s.objects) for s in scenes)
-    return {"color": color_hits / n_obj, "shape": 1 / n_shapes, "position": 1 / n_pos,
-            "all_correct": all_ok / len(scenes)}

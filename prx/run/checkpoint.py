@@ -38,8 +38,9 @@ from prx.run.distributed import barrier, process_rank
 # Single-process runs save and load without a process group, which DCP announces every time.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
-# Bump when the layout changes; checkpoints of other formats then fail with a clear message.
-CHECKPOINT_FORMAT = 2
+# Bump when the layout or the config schema changes; checkpoints of other formats then fail with a
+# clear message. 3: the sampling settings live in `eval` only; `train.kernels` replaced `optim.muon_backend`.
+CHECKPOINT_FORMAT = 3
 _NAME = re.compile(r"^step_(\d+)$")
 
 
@@ -193,12 +194,6 @@ class CheckpointWriter:
         return self._cpu_group
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, meta: dict, rng: dict,
-                    keep: int = 0) -> Path:
-    """One synchronous save (every rank calls it)."""
-    return CheckpointWriter(run_dir, keep).save(step, model, optimizer, meta, rng)
-
-
 # ----------------------------------------------------------------------------- loading
 
 
@@ -251,7 +246,7 @@ def load_train_state(path: str | Path, model, optimizer, extra: dict | None = No
 
 def load_model_weights(path: str | Path, model, ema: bool = True) -> str:
     """Only the model's weights (sampling, evaluation), in one process: the EMA weights when the
-    checkpoint has them and `ema` (RECIPE section 6: sampling uses the EMA), else the trained
+    checkpoint has them and `ema` (docs/recipe.md section 6: sampling uses the EMA), else the trained
     ones. Returns which: "ema" or "model"."""
     path = Path(path)
     saved = SafeFileSystemReader(path).read_metadata().state_dict_metadata

@@ -3,16 +3,15 @@
 1. activation checkpointing per block ("full": every block; "selective": every k-th block),
 2. per-block `torch.compile(fullgraph=True)` (identical blocks share one compiled graph),
 3. FSDP2 `fully_shard` per block, then at the root, with bf16 compute and fp32 gradient
-   reduction (RECIPE section 6: bf16-stored weights cost 3.7 FID, so parameters stay fp32).
+   reduction (docs/recipe.md section 6: bf16-stored weights cost 3.7 FID, so parameters stay fp32).
 
-The model code knows nothing of this. `BatchPlan` derives the per-rank micro-batch and the
-gradient-accumulation steps from the global batch in one place.
+The model code knows nothing of this. How the global batch splits over ranks and micro-batches
+is `prx.run.batch_plan`.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -21,44 +20,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from prx.config import ConfigError, ParallelConfig
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """global batch = world_size x micro_batch x accumulation."""
-
-    global_batch: int
-    world_size: int
-    local_batch: int  # samples per rank per optimizer step
-    micro_batch: int  # samples per rank per forward/backward
-    accumulation: int
-
-    @staticmethod
-    def derive(global_batch: int, world_size: int, micro_batch: int = 0) -> "BatchPlan":
-        if global_batch % world_size:
-            raise ConfigError(f"train.batch_size={global_batch} is not divisible by {world_size} processes")
-        local = global_batch // world_size
-        micro = micro_batch or local
-        if local % micro:
-            raise ConfigError(f"per-rank batch {local} (train.batch_size={global_batch} over {world_size} "
-                              f"processes) is not divisible by parallel.micro_batch={micro}")
-        return BatchPlan(global_batch, world_size, local, micro, local // micro)
-
-    def describe(self) -> str:
-        return (f"global batch {self.global_batch} = {self.world_size} process(es) x micro-batch "
-                f"{self.micro_batch} x {self.accumulation} accumulation step(s)")
-
-
-_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def canonical_name(name: str) -> str:
-    """A parameter's name without the wrappers' prefixes (activation checkpointing,
-    torch.compile), as checkpoints store it, so names agree with and without them."""
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
+from prx.config import ParallelConfig
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, every: int) -> None:
