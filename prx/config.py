@@ -458,16 +458,14 @@ def field_meanings() -> dict[str, str]:
         comments, names = {}, {}
         for token in tokenize.generate_tokens(io.StringIO(source).readline):
             if token.type == tokenize.COMMENT:
-                comments[token.start[0]] = (token.start[1], token.string.lstrip("# ").strip())
+                comments[token.start[0]] = token.string.lstrip("# ").strip()
             elif token.type == tokenize.NAME and token.start[0] not in names:
                 names[token.start[0]] = token.string
         fields = {f.name for f in dataclasses.fields(section.default_factory)}
         for row, name in names.items():
             if name in fields:
-                above = comments.get(row - 1)
-                beside = comments.get(row)
-                text = beside[1] if beside else (above[1] if above and row - 1 not in names else "")
-                meanings[f"{section.name}.{name}"] = text
+                above = comments.get(row - 1, "") if row - 1 not in names else ""
+                meanings[f"{section.name}.{name}"] = comments.get(row) or above
     return meanings
 
 

@@ -1,9 +1,10 @@
 """The evaluation the training loop runs every `train.sample_every` steps and at the end.
 
-The data source decides which, once, at setup (train.py's `build_data`): the procedural shapes set has
-labels, so its evaluation samples the held-out prompts, saves a grid and scores prompt
+The data source decides which, once, at setup (train.py's `build_data`): the procedural shapes
+set has labels, so its evaluation samples the held-out prompts, saves a grid and scores prompt
 following (`ShapesEvaluation`); real data has none, so its evaluation samples a captioned grid
-of fixed prompts (`PromptGrid`). Both sample with whatever weights the model holds when called
+of fixed prompts (`PromptGrid`). Steps and guidance are the config's (`eval.*`, `generate`'s
+defaults). Both sample with whatever weights the model holds when called
 (the loop swaps the EMA in), on every rank: a sharded model needs all ranks in each forward.
 """
 
@@ -29,8 +30,7 @@ def sample_prompts(model, tower: TextTower, cfg: Config, dist: DistInfo, prompts
     """Images for `prompts` on rank 0 (None elsewhere). Every rank samples its share; prompt i's
     noise is keyed by i, so any split over ranks gives the same images."""
     mine = list(range(dist.rank, len(prompts), dist.world_size))
-    images = generate(model, tower, [prompts[i] for i in mine], cfg, steps=cfg.eval.sample_steps,
-                      guidance=cfg.eval.guidance, seed=cfg.eval.seed, noise_slots=mine)
+    images = generate(model, tower, [prompts[i] for i in mine], cfg, seed=cfg.eval.seed, noise_slots=mine)
     return gather_to_main(images, mine, len(prompts))
 
 
