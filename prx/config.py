@@ -4,7 +4,9 @@ One `Config` holds every knob of a run. Presets are plain functions that build a
 variants derive from them with `dataclasses.replace`. The command line picks a preset and
 overrides single fields with `--set section.field=value`. Derived values (head dim, token
 count, ...) are properties computed here, in one place, and printed at start by `describe`.
-Nothing else changes a value at run time.
+Nothing else changes a value at run time. Every field has a rule (`FIELD_RULES`), and `validate`
+refuses, in one line naming the field, the value and the range, anything a run cannot use, before
+any work; the command line also refuses a flag and a --set that give one field different values.
 """
 
 from __future__ import annotations
@@ -20,9 +22,20 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the field and what to do."""
+from prx.config_rules import (
+    BELOW_ONE,
+    FLAG,
+    NAME,
+    PROMPT_FILE,
+    TEXT,
+    WRITABLE_DIR,
+    ConfigError,
+    Rule,
+    check_value,
+    integer,
+    number,
+    one_of,
+)
 
 
 @dataclass
@@ -374,62 +387,120 @@ def from_dict(data: dict) -> Config:
 
 
 # ----------------------------------------------------------------------------- validation
+#
+# Every field has one rule in FIELD_RULES: the values a run can use, and why where that is not
+# obvious. `validate` checks every field against its rule, then the rules that tie fields together
+# (only once each field is in range, so no cross rule divides by zero). Each failure is one line:
+# `section.field=value: must be ...`.
+
+
+MAX_SEED = 2**64 - 1  # torch.manual_seed takes at most 64 bits
+
+FIELD_RULES: dict[str, Rule] = {
+    "preset": NAME,
+    "model.patch_size": integer(ge=1), "model.bottleneck_dim": integer(ge=1), "model.hidden_dim": integer(ge=1),
+    "model.depth": integer(ge=1), "model.num_heads": integer(ge=1), "model.mlp_ratio": number(gt=0),
+    "model.text_dim": integer(ge=1), "model.time_embed_dim": integer(ge=2, even=True, why="sin and cos halves"),
+    "model.rope_theta": number(gt=1, why="the frequencies theta^(-2k/d) must fall with k"),
+    "model.attention": one_of("auto", "flash", "sdpa", "math"), "model.fused_ops": one_of("torch", "liger"),
+    "flow.timestep_shift": number(gt=0), "flow.uniform_fraction": number(ge=0, le=1),
+    "flow.t_min": number(gt=0, lt=1), "flow.noise_scale": number(gt=0),
+    "flow.t_floor": number(gt=0, le=1, why="the velocity divides by it"), "flow.caption_dropout": BELOW_ONE,
+    "text.encoder": NAME, "text.max_tokens": integer(ge=1), "text.pad_to_multiple": integer(ge=1),
+    "data.source": one_of("shapes", "webdataset"), "data.path": TEXT, "data.resolution": integer(ge=1),
+    "data.shapes_length": integer(ge=1), "data.buckets": one_of("aspect", "square"),
+    "data.crop": one_of("center", "random"), "data.decoder": one_of("auto", "cpu", "dali", "dali-cpu"),
+    "data.workers": integer(ge=0), "data.caption_key": NAME, "data.max_bad_fraction": number(ge=0, le=1),
+    "optim.name": one_of("muon", "adamw"), "optim.lr": number(gt=0), "optim.beta1": BELOW_ONE,
+    "optim.beta2": number(ge=0, lt=1, why="Adam divides by 1 - beta2^step"), "optim.eps": number(gt=0),
+    "optim.weight_decay": number(ge=0), "optim.warmup_steps": integer(ge=0, why="0: no warmup"),
+    "optim.grad_clip": number(gt=0, why="0 would zero every gradient"), "optim.muon_momentum": BELOW_ONE,
+    "optim.muon_nesterov": FLAG, "optim.muon_update_scale": number(gt=0), "optim.ns_steps": integer(ge=1),
+    "optim.ns_coefficients": one_of("jordan", "polar_express"),
+    "tread.enabled": FLAG, "tread.probability": BELOW_ONE, "tread.route_start": integer(ge=0),
+    "tread.route_end": integer(ge=0), "tread.span": one_of("reference", "penultimate"),
+    "tread.self_guidance": number(ge=0, why="0: classifier-free guidance instead"),
+    "repa.enabled": FLAG, "repa.teacher": NAME, "repa.block": integer(ge=0), "repa.weight": number(ge=0),
+    "repa.projector_dim": integer(ge=1), "repa.teacher_dim": integer(ge=1),
+    "perceptual.lpips_weight": number(ge=0), "perceptual.lpips_vgg": TEXT, "perceptual.lpips_heads": TEXT,
+    "perceptual.lpips_scale": number(gt=0, le=1), "perceptual.lpips_t_max": number(gt=0, le=1),
+    "perceptual.dino_weight": number(ge=0), "perceptual.dino_teacher": NAME,
+    "perceptual.dino_resolution": integer(ge=1),
+    "ema.enabled": FLAG, "ema.decay": BELOW_ONE, "ema.every": integer(ge=1),
+    "train.steps": integer(ge=1), "train.batch_size": integer(ge=1),
+    "train.seed": integer(ge=0, le=MAX_SEED, why="the shapes set seeds numpy, which takes no negative seed"),
+    "train.device": one_of("auto", "cpu", "cuda"), "train.precision": one_of("bf16", "fp32"),
+    "train.threads": integer(ge=0, why="0: torch's default"), "train.run_dir": WRITABLE_DIR,
+    "train.log_every": integer(ge=1), "train.sample_every": integer(ge=0, why="0: never during training"),
+    "train.checkpoint_every": integer(ge=0, why="0: only at the end"),
+    "train.keep_checkpoints": integer(ge=0, why="0: all"), "train.async_checkpoint": FLAG,
+    "train.max_bad_steps": integer(ge=1, why="0 reads as never, yet would stop like 1"),
+    "train.kernels": one_of("auto", "reference"),
+    "parallel.data_parallel": one_of("fsdp", "ddp"),
+    "parallel.activation_checkpointing": one_of("none", "full", "selective"),
+    "parallel.checkpoint_every_n_blocks": integer(ge=1), "parallel.compile": FLAG,
+    "parallel.reshard_after_forward": FLAG,
+    "parallel.micro_batch": integer(ge=0, why="0: the whole per-rank batch"),
+    "eval.num_prompts": integer(ge=2, why="the chance level scores each prompt against another"),
+    "eval.grid_prompts": integer(ge=1, why="an empty grid cannot be written"),
+    "eval.sample_steps": integer(ge=1), "eval.guidance": number(ge=0, why="0: unconditional, 1: no guidance"),
+    "eval.seed": integer(), "eval.final": FLAG, "eval.prompts": PROMPT_FILE,
+}
+
+
+def flat_fields(cfg: Config) -> dict[str, typing.Any]:
+    """'section.field' (and 'preset') -> value, for every field of `cfg`."""
+    flat = {}
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        if dataclasses.is_dataclass(values):
+            flat.update({f"{section.name}.{f.name}": getattr(values, f.name) for f in dataclasses.fields(values)})
+        else:
+            flat[section.name] = values
+    return flat
+
+
+def cross_field_rules(cfg: Config) -> list[tuple[bool, str]]:
+    """(holds, message) for the rules between fields; every field is already in its range."""
+    m, d, e, p, tr = cfg.model, cfg.data, cfg.eval, cfg.parallel, cfg.tread
+    first_routed, last_routed = tr.blocks(m.depth)
+    heads_divide = m.hidden_dim % m.num_heads == 0
+    return [
+        (heads_divide, f"model.num_heads={m.num_heads} does not divide model.hidden_dim={m.hidden_dim}"),
+        (not heads_divide or m.head_dim % 4 == 0,
+         f"model.hidden_dim={m.hidden_dim} / model.num_heads={m.num_heads} = head dim {m.head_dim}: must be a "
+         "multiple of 4 (2-D RoPE rotates pairs on two axes)"),
+        (m.mlp_hidden_dim >= 1, f"model.mlp_ratio={m.mlp_ratio} x model.hidden_dim={m.hidden_dim} leaves "
+                                "the MLP no hidden unit"),
+        (d.resolution % m.patch_size == 0,
+         f"data.resolution={d.resolution} is not a multiple of model.patch_size={m.patch_size}"),
+        (d.source != "webdataset" or bool(d.path.strip()),
+         "data.source='webdataset' needs data.path: pass --data SHARDS (a .tar, a folder of them, a glob "
+         "or a brace pattern)"),
+        (d.source != "shapes" or not d.path,
+         f"data.path={d.path!r} is set but data.source='shapes' does not read it; train on the shards with "
+         "--data, or leave data.path empty"),
+        (d.source != "shapes" or not e.prompts,
+         f"eval.prompts={e.prompts!r} is read only for webdataset data; the shapes data evaluates its "
+         "held-out prompts (eval.num_prompts)"),
+        (not tr.enabled or 0 <= first_routed <= last_routed < m.depth,
+         f"tread: blocks {first_routed}..{last_routed} are not inside the model's {m.depth} blocks "
+         f"(model.depth={m.depth}); set tread.route_start / tread.route_end (0-based, inclusive)"),
+        (tr.enabled or tr.self_guidance == 0,
+         f"tread.self_guidance={tr.self_guidance} needs tread.enabled=true (it samples with TREAD's routes)"),
+        (not cfg.repa.enabled or cfg.repa.block < m.depth,
+         f"repa.block={cfg.repa.block} is not one of the model's {m.depth} blocks (model.depth, 0-based)"),
+        (p.micro_batch == 0 or cfg.train.batch_size % p.micro_batch == 0,
+         f"parallel.micro_batch={p.micro_batch} does not divide train.batch_size={cfg.train.batch_size}"),
+    ]
 
 
 def validate(cfg: Config) -> Config:
-    """Stop with one clear message on values the run cannot use."""
-    m, d, f, t = cfg.model, cfg.data, cfg.flow, cfg.train
-    first_routed, last_routed = cfg.tread.blocks(m.depth)
-    checks = [
-        (m.hidden_dim % m.num_heads == 0,
-         f"model.num_heads={m.num_heads} does not divide model.hidden_dim={m.hidden_dim}"),
-        (m.hidden_dim % m.num_heads != 0 or m.head_dim % 4 == 0,
-         f"head dim {m.head_dim} must be a multiple of 4 (2-D RoPE rotates pairs on two axes)"),
-        (d.resolution % m.patch_size == 0,
-         f"data.resolution={d.resolution} is not a multiple of model.patch_size={m.patch_size}"),
-        (m.time_embed_dim % 2 == 0, f"model.time_embed_dim={m.time_embed_dim} must be even"),
-        (m.attention in ("auto", "flash", "sdpa", "math"),
-         f"model.attention={m.attention!r}: use auto, flash, sdpa or math"),
-        (m.fused_ops in ("torch", "liger"), f"model.fused_ops={m.fused_ops!r}: use torch or liger"),
-        (d.source in ("shapes", "webdataset") and (d.source == "shapes" or d.path),
-         f"data.source={d.source!r}: use shapes, or webdataset with --data PATH"),
-        (d.buckets in ("aspect", "square") and d.crop in ("center", "random")
-         and d.decoder in ("auto", "cpu", "dali", "dali-cpu") and d.workers >= 0
-         and 0.0 <= d.max_bad_fraction <= 1.0,
-         "data: buckets is aspect|square, crop center|random, decoder auto|cpu|dali|dali-cpu, "
-         "workers >= 0, max_bad_fraction in [0, 1]"),
-        (cfg.optim.name in ("muon", "adamw"), f"optim.name={cfg.optim.name!r}: use muon or adamw"),
-        (cfg.optim.ns_coefficients in ("jordan", "polar_express"),
-         f"optim.ns_coefficients={cfg.optim.ns_coefficients!r}: use jordan or polar_express"),
-        (cfg.optim.ns_steps > 0 and 0.0 <= cfg.optim.muon_momentum < 1.0,
-         "optim.ns_steps must be positive and optim.muon_momentum in [0, 1)"),
-        (t.precision in ("bf16", "fp32"), f"train.precision={t.precision!r}: use bf16 or fp32"),
-        (t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r}: use auto, cpu or cuda"),
-        (cfg.parallel.data_parallel in ("fsdp", "ddp"),
-         f"parallel.data_parallel={cfg.parallel.data_parallel!r}: use fsdp or ddp"),
-        (cfg.parallel.activation_checkpointing in ("none", "full", "selective"),
-         f"parallel.activation_checkpointing={cfg.parallel.activation_checkpointing!r}: "
-         "use none, full or selective"),
-        (cfg.parallel.checkpoint_every_n_blocks > 0 and cfg.parallel.micro_batch >= 0,
-         "parallel.checkpoint_every_n_blocks must be positive and parallel.micro_batch >= 0"),
-        (t.steps > 0 and t.batch_size > 0, "train.steps and train.batch_size must be positive"),
-        (0.0 <= f.caption_dropout < 1.0, "flow.caption_dropout must be in [0, 1)"),
-        (0.0 <= f.uniform_fraction <= 1.0, "flow.uniform_fraction must be in [0, 1]"),
-        (0.0 < f.t_min < 1.0 and f.timestep_shift > 0, "flow.t_min must be in (0, 1), shift > 0"),
-        (cfg.eval.sample_steps > 0, "eval.sample_steps must be positive"),
-        (t.kernels in ("auto", "reference"), f"train.kernels={t.kernels!r}: use auto or reference"),
-        (cfg.tread.span in ("reference", "penultimate"), f"tread.span={cfg.tread.span!r}: use reference or penultimate"),
-        (not cfg.tread.enabled or 0 <= first_routed <= last_routed < m.depth,
-         f"tread: blocks {first_routed}..{last_routed} are not inside the model's "
-         f"{m.depth} blocks; set tread.route_start / tread.route_end (0-based, inclusive)"),
-        (0.0 <= cfg.tread.probability < 1.0, "tread.probability must be in [0, 1)"),
-        (not cfg.repa.enabled or 0 <= cfg.repa.block < m.depth,
-         f"repa.block={cfg.repa.block} is not one of the model's {m.depth} blocks (0-based)"),
-        (cfg.perceptual.lpips_weight >= 0 and cfg.perceptual.dino_weight >= 0, "perceptual weights must be >= 0"),
-        (0.0 <= cfg.ema.decay < 1.0 and cfg.ema.every > 0, "ema.decay must be in [0, 1) and ema.every > 0"),
-    ]
-    for ok, message in checks:
-        if not ok:
+    """Stop with one line on the first value the run cannot use (every field has a rule)."""
+    for name, value in flat_fields(cfg).items():
+        check_value(name, value, FIELD_RULES[name])
+    for holds, message in cross_field_rules(cfg):
+        if not holds:
             raise ConfigError(message)
     return cfg
 
@@ -493,21 +564,37 @@ def save_json(cfg: Config, path: Path) -> None:
 # ----------------------------------------------------------------------------- command line
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage mistakes raise ConfigError, so a command's `cli` reports them as one
+    line (`error: ...`, exit status 2) like every other bad value, not as usage text."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{message} (see --help)")
+
+
+# The flags people type often: each stands for a --set of one field (flag -> field, type, help).
+_FLAG_FIELDS = {
+    "steps": ("train.steps", int, "train.steps"),
+    "batch_size": ("train.batch_size", int, "train.batch_size (global)"),
+    "lr": ("optim.lr", float, "optim.lr"),
+    "seed": ("train.seed", int, "train.seed"),
+    "run_dir": ("train.run_dir", str, "train.run_dir"),
+    "device": ("train.device", str, "train.device: auto, cpu or cuda"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         description="PRX speedrun trainer. Without arguments: the tiny preset on the built-in "
         "shapes data (minutes on a laptop CPU).",
     )
     p.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of: {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="S.F=V",
                    help="override one field, e.g. --set model.depth=8 (repeatable)")
-    p.add_argument("--steps", type=int, help="train.steps")
-    p.add_argument("--batch-size", type=int, help="train.batch_size (global)")
-    p.add_argument("--lr", type=float, help="optim.lr")
-    p.add_argument("--seed", type=int, help="train.seed")
-    p.add_argument("--run-dir", help="train.run_dir")
-    p.add_argument("--device", help="train.device: auto, cpu or cuda")
-    p.add_argument("--data", metavar="SHARDS",
+    # Shortcuts for --set; each is collected like --set so that a field given twice is caught.
+    for flag, (_, kind, text) in _FLAG_FIELDS.items():
+        p.add_argument(f"--{flag.replace('_', '-')}", type=kind, action="append", help=text)
+    p.add_argument("--data", action="append", metavar="SHARDS",
                    help="train on webdataset shards (sets data.source=webdataset, data.path=SHARDS)")
     p.add_argument("--resume", default=None, metavar="DIR|auto",
                    help="a checkpoint directory (RUN/checkpoints/step_N) to resume from, or 'auto' for the "
@@ -517,21 +604,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_FLAG_FIELDS = {
-    "steps": "train.steps", "batch_size": "train.batch_size", "lr": "optim.lr",
-    "seed": "train.seed", "run_dir": "train.run_dir", "device": "train.device",
-}
+def _assignments(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(how it was given, 'section.field=value') for every shortcut flag and --set."""
+    given = [(f"--{flag.replace('_', '-')} {value}", f"{path}={value}")
+             for flag, (path, _, _) in _FLAG_FIELDS.items() for value in getattr(args, flag) or []]
+    for shards in args.data or []:
+        given += [(f"--data {shards} (data.source=webdataset)", "data.source=webdataset"),
+                  (f"--data {shards}", f"data.path={shards}")]
+    return given + [(f"--set {assignment}", assignment) for assignment in args.overrides]
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """The validated Config of a command line, and its arguments. A field given by a flag and by
+    another flag or a --set, with different values, is an error naming both; repeated --sets of
+    one field layer (the last wins), as scripts that extend a base list of --sets expect."""
     args = build_parser().parse_args(argv)
     cfg = preset(args.preset)
-    for flag, path in _FLAG_FIELDS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            cfg = apply_override(cfg, f"{path}={value}")
-    if args.data:
-        cfg = apply_override(apply_override(cfg, "data.source=webdataset"), f"data.path={args.data}")
-    for assignment in args.overrides:
+    first: dict[str, tuple[typing.Any, str]] = {}  # field -> (value, how it was given before)
+    for origin, assignment in _assignments(args):
         cfg = apply_override(cfg, assignment)
+        path = assignment.split("=", 1)[0].strip()
+        value = flat_fields(cfg)[path]
+        both_sets = path in first and first[path][1].startswith("--set ") and origin.startswith("--set ")
+        if path in first and first[path][0] != value and not both_sets:
+            raise ConfigError(f"{first[path][1]} and {origin} both set {path}, to different values; give one")
+        first[path] = (value, origin) if both_sets or path not in first else first[path]
+    for flag in (*_FLAG_FIELDS, "data"):  # one value per flag, as argparse gives without "append"
+        setattr(args, flag, (getattr(args, flag) or [None])[-1])
     return validate(cfg), args

@@ -4,7 +4,9 @@
         --prompt "a red circle on the left" --prompt "a blue square at the top" --out samples/
 
 Writes one PNG per prompt (and per --count) plus a captioned grid. The model and text encoder
-are the ones named in the checkpoint's config.
+are the ones named in the checkpoint's config. Every argument is checked, with the trainer's
+rules for the same settings (`prx.config.FIELD_RULES`), before the model or the text encoder
+loads: a bad one stops with one line, `error: ...`, and exit status 2.
 """
 
 from __future__ import annotations
@@ -13,18 +15,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from prx.config import from_dict
+from prx.config import FIELD_RULES, OneLineParser, from_dict
+from prx.config_rules import NAME, ConfigError, check_value, integer
 from prx.eval.grids import save_grid, save_images
 from prx.eval.sampling import generate
 from prx.hub import PretrainedMissing
 from prx.model.denoiser import PRX
-from prx.run.checkpoint import CheckpointError, load_model_weights, read_meta
+from prx.run.checkpoint import CheckpointError, latest_checkpoint, load_model_weights, read_meta
 from prx.run.distributed import pick_device
 from prx.text import TextTower
 
+USER_ERRORS = (ConfigError, CheckpointError, PretrainedMissing)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Sample images from a PRX checkpoint.")
+    p = OneLineParser(prog="python -m prx.eval.sample", description="Sample images from a PRX checkpoint.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory (runs/NAME/checkpoints/step_*)")
     p.add_argument("--prompt", action="append", required=True, help="caption (repeatable)")
     p.add_argument("--count", type=int, default=1, help="images per prompt")
@@ -39,14 +44,50 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The arguments that need no checkpoint, by the rules of the config fields they stand for."""
+    for prompt in args.prompt:
+        check_value("--prompt", prompt, NAME)
+    check_value("--count", args.count, integer(ge=1))
+    if args.steps is not None:
+        check_value("--steps", args.steps, FIELD_RULES["eval.sample_steps"])
+    if args.guidance is not None:
+        check_value("--guidance", args.guidance, FIELD_RULES["eval.guidance"])
+    if args.size is not None:
+        check_value("--size", args.size, integer(ge=1))
+    check_value("--seed", args.seed, FIELD_RULES["eval.seed"])
+    check_value("--device", args.device, FIELD_RULES["train.device"])
+    check_value("--out", args.out, FIELD_RULES["train.run_dir"])
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` is not a checkpoint directory, with the path to pass instead; None if it is one."""
+    hint = "pass a checkpoint directory, RUN/checkpoints/step_N"
+    if (path / "meta.pt").is_file():
+        return None
+    if not path.exists():
+        return f"--checkpoint={path}: no such directory; {hint}"
+    if path.is_file():
+        return f"--checkpoint={path} is a file; {hint}"
+    latest = latest_checkpoint(path) if (path / "checkpoints").is_dir() else None
+    if latest is not None:
+        return f"--checkpoint={path} is a run directory; pass one of its checkpoints, e.g. {latest}"
+    return f"--checkpoint={path} is not a checkpoint (it has no meta.pt); {hint}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_args(args)
+    problem = checkpoint_problem(Path(args.checkpoint))
+    if problem:
+        raise ConfigError(problem)
     meta = read_meta(args.checkpoint)
     cfg = from_dict(meta["config"])
     size = args.size or cfg.data.resolution
     if size % cfg.model.patch_size:
-        raise SystemExit(f"error: --size {size} is not a multiple of the patch size {cfg.model.patch_size}")
-    device = pick_device(args.device)
+        raise ConfigError(f"--size={size}: must be a multiple of the checkpoint's model.patch_size="
+                          f"{cfg.model.patch_size}")
+    device = pick_device(args.device, option="--device")
     model = PRX(cfg.model)
     weights = load_model_weights(args.checkpoint, model, ema=not args.no_ema)
     print(f"{args.checkpoint}: step {meta['step']}, {'EMA' if weights == 'ema' else 'trained'} weights")
@@ -64,9 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """`python -m prx.eval.sample`: a user's mistake is one line on stderr (`error: ...`) and exit
+    status 2, never a traceback."""
     try:
-        sys.exit(main())
-    except (CheckpointError, PretrainedMissing) as err:
+        return main(argv)
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

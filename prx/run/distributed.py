@@ -24,10 +24,20 @@ class DistInfo:
         return self.rank == 0
 
 
-def pick_device(preference: str, local_rank: int = 0) -> torch.device:
+def pick_device(preference: str, local_rank: int = 0, option: str = "train.device") -> torch.device:
+    """This process's device for `preference` (auto | cpu | cuda); `option` is the setting the
+    user typed, named in the one-line ConfigError (train.device, or the sample command's --device)."""
+    from prx.config import ConfigError  # here, not at the top: this function is its only user
+
+    if preference not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"{option}={preference!r}: must be one of auto, cpu, cuda")
     if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible; use --device cpu")
+        raise ConfigError(f"{option}=cuda but torch.cuda.is_available() is False (no CUDA device visible, or "
+                          f"torch {torch.__version__} built without CUDA); use --device cpu or auto")
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        if local_rank >= torch.cuda.device_count():  # more processes on this node than GPUs
+            raise ConfigError(f"LOCAL_RANK={local_rank} but {torch.cuda.device_count()} CUDA device(s) are "
+                              "visible; start at most one process per GPU (torchrun --nproc-per-node)")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
