@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor
 import kernels
 from kernels import patchify_and_noise
 from prx import precision
-from prx.config import Config, ConfigError, describe, from_dict, parse_args, print_config, save_json
+from prx.config import Config, ConfigError, describe, parse_args, print_config, save_json
 from prx.data.shapes import ShapesBatches, make_scene
 from prx.data.shards import ShardError
 from prx.data.stream import BatchSource
@@ -48,6 +48,7 @@ from prx.run.batch_plan import BatchPlan, OutOfMemory
 from prx.run.distributed import DistInfo, init_distributed, shutdown
 from prx.run.guard import BadStepGuard, TooManyBadSteps
 from prx.run.parallel import parallelize, set_gradient_sync
+from prx.run.run_dir import check_same_run, check_writable, resume_point, settle_metrics
 from prx.run.runlog import RunLog
 from prx.run.stop_signals import StopSignals, signal_name
 from prx.run.train_metrics import TrainMetrics
@@ -106,35 +107,36 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     dist = init_distributed(cfg.train.device)
     plan = BatchPlan.derive(cfg.train.batch_size, dist.world_size, cfg.parallel.micro_batch)
-    stop = StopSignals()  # SIGTERM / SIGUSR1: checkpoint at the end of the step, then exit
+    stop = StopSignals()  # SIGTERM / SIGUSR1 / Ctrl-C: checkpoint at the end of the step, then exit
+    checkpoints = ckpt.CheckpointWriter(cfg.train.run_dir, cfg.train.keep_checkpoints, cfg.train.async_checkpoint)
     try:
-        return train(cfg, args, dist, plan, stop)
+        return train(cfg, args, dist, plan, stop, checkpoints)
     except torch.OutOfMemoryError as err:  # name the settings that lower a step's memory
         raise plan.out_of_memory(err, cfg) from err
+    except TooManyBadSteps as err:  # name the checkpoint to go back to
+        checkpoints.close()
+        raise TooManyBadSteps(f"{err}; the newest good checkpoint is {checkpoints.newest_good()}") from None
     finally:
+        checkpoints.close()  # publishes a background save in flight, whatever stopped the run
         stop.restore()
 
 
-def train(cfg: Config, args: argparse.Namespace, dist: DistInfo, plan: BatchPlan, stop: StopSignals) -> int:
+def train(cfg: Config, args: argparse.Namespace, dist: DistInfo, plan: BatchPlan, stop: StopSignals,
+          checkpoints: ckpt.CheckpointWriter) -> int:
     # ------------------------------------------------------------------ setup
     device = dist.device
     kernels.pin(cfg.train.kernels)  # auto: Triton on GPU tensors; reference: PyTorch everywhere
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     run_dir = Path(cfg.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resume_path = None
-    if args.resume == "auto":
-        resume_path = ckpt.latest_checkpoint(run_dir)
-    elif args.resume:
-        resume_path = Path(args.resume)
+    check_writable(run_dir)  # made here; validate() already checked that it can be
+    # Where the run starts: a new run, or the checkpoint --resume names (verified intact, and of
+    # the same run). A new run beside another run's checkpoints is refused (prx/run/run_dir.py).
+    resume_path = resume_point(run_dir, args.resume)
     resumed = ckpt.read_meta(resume_path) if resume_path else None
-    if resumed and from_dict(resumed["config"]).model != cfg.model:
-        raise ConfigError(f"checkpoint {resume_path} was trained with a different model config; "
-                          "resume with the same --preset and model.* settings")
+    if resumed:
+        check_same_run(resumed["config"], cfg, resume_path)
     log = RunLog(run_dir, cfg.train.steps, resumed["step"] if resumed else 0, dist.is_main)
-    if dist.is_main:
-        save_json(cfg, run_dir / "config.json")
     log.print(describe(cfg))
     if args.resume == "auto" and resume_path is None:
         log.print(f"--resume auto: no checkpoint in {run_dir} yet; starting from step 0")
@@ -164,7 +166,6 @@ def train(cfg: Config, args: argparse.Namespace, dist: DistInfo, plan: BatchPlan
     optimizer = build_optimizer(model, cfg)
     ema = EMA(model, cfg.ema.decay, cfg.ema.every) if cfg.ema.enabled else None  # shards like the model
     guard = BadStepGuard(cfg.train.max_bad_steps)
-    checkpoints = ckpt.CheckpointWriter(run_dir, cfg.train.keep_checkpoints, cfg.train.async_checkpoint)
 
     # ------------------------------------------------------------------ data
     source, captions, evaluation = build_data(cfg, tower, dist, log, run_dir)
@@ -178,6 +179,10 @@ def train(cfg: Config, args: argparse.Namespace, dist: DistInfo, plan: BatchPlan
         start_step = resumed["step"]
         log.print(f"resumed from {resume_path} at step {start_step}")
         del resumed
+    if dist.is_main:  # only once the setup succeeded: a failed resume leaves the run's files alone
+        if note := settle_metrics(run_dir, start_step):
+            log.print(note)
+        save_json(cfg, run_dir / "config.json")
     if start_step == 0:
         evaluation.log_baseline()  # shapes: the score of images that ignore their prompt
 
@@ -250,17 +255,13 @@ def train(cfg: Config, args: argparse.Namespace, dist: DistInfo, plan: BatchPlan
                        "skipped": guard.take_skipped(), "epoch": round(source.epoch, 3),
                        "sec_per_step": sec_per_step, "img_per_s": img_per_s})
 
-        # Evaluate, with the EMA weights: the shapes score, or a grid of fixed prompts.
+        # Checkpoint, before the evaluation (an evaluation that fails cannot cost it): sharded,
+        # every rank writes its part, published atomically; never from non-finite weights.
         last = done == cfg.train.steps
         stop_signal = 0 if last else stop_signal  # at the last step the run ends as planned
-        if stop_signal:  # checkpoint this step, then exit
+        if stop_signal:
             log.print(f"{signal_name(stop_signal)} received: checkpointing step {done}, then stopping")
-        elif (cfg.train.sample_every and done % cfg.train.sample_every == 0) or (last and cfg.eval.final):
-            with ema.swapped_into(model) if ema else contextlib.nullcontext():
-                evaluation(model, done, last)
-            log.restart_clock(done)
-
-        # Checkpoint: sharded, every rank writes its part, published atomically.
+        checkpoints.check_background_save()  # a failed background write stops the run now
         if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or last or stop_signal:
             meta = {"config": cfg.to_dict(), "step": done, "schedule": {"step": done},
                     "data": source.state_dict()}
@@ -272,16 +273,34 @@ def train(cfg: Config, args: argparse.Namespace, dist: DistInfo, plan: BatchPlan
             log.print(f"stopped by {signal_name(stop_signal)} after step {done}; continue with --resume auto")
             break
 
+        # Evaluate, with the EMA weights: the shapes score, or a grid of fixed prompts.
+        if (cfg.train.sample_every and done % cfg.train.sample_every == 0) or (last and cfg.eval.final):
+            with ema.swapped_into(model) if ema else contextlib.nullcontext():
+                evaluation(model, done, last)
+            log.restart_clock(done)
+
     checkpoints.close()  # waits for a background save
     log.close()
     shutdown()
     return 128 + stop_signal if stop_signal else 0
 
 
-if __name__ == "__main__":
+USER_ERRORS = (ConfigError, PretrainedMissing, ckpt.CheckpointError, TooManyBadSteps, ShardError, OutOfMemory)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`python train.py`: a user's mistake or a stop the trainer decided on is one line on stderr
+    (`error: ...`) and exit status 2, never a traceback."""
     try:
-        sys.exit(main())
-    except (ConfigError, PretrainedMissing, ckpt.CheckpointError, TooManyBadSteps, ShardError,
-            OutOfMemory) as err:
+        return main(argv)
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    except KeyboardInterrupt:  # a second Ctrl-C (prx/run/stop_signals.py), or one before the handlers
+        print("error: stopped at once by Ctrl-C, without a checkpoint of the steps since the last one; "
+              "continue with --resume auto", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

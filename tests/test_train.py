@@ -113,7 +113,7 @@ def test_out_of_memory_names_the_settings_that_lower_it(tmp_path):
 def test_resume_with_another_model_is_refused(tmp_path):
     run = tmp_path / "run"
     train.main(SMALL + ["--run-dir", str(run), "--steps", "1"])
-    with pytest.raises(train.ConfigError, match="different model config"):
+    with pytest.raises(train.ConfigError, match=r"belongs to a run with other settings \(model.depth 2 -> 3\)"):
         train.main(SMALL + ["--run-dir", str(run), "--steps", "2", "--resume", "auto",
                             "--set", "model.depth=3"])
 

@@ -22,3 +22,14 @@ def test_means_over_steps_terms_and_bins_then_a_fresh_start():
     again = metrics.reduce()
     assert again["loss"] == pytest.approx(2.0) and again["loss_t0.3-0.6"] == pytest.approx(2.0)
     assert again["loss_t0.0-0.3"] is None
+
+
+def test_a_window_without_applied_steps_has_no_means_and_says_so():
+    """Every step of the window skipped (NaN/inf): None, never a loss of 0.0000."""
+    from prx.run.runlog import format_train_line
+
+    means = TrainMetrics(torch.device("cpu"), ("diffusion",)).reduce()
+    assert means["loss"] is None and means["grad_norm"] is None and means["loss_diffusion"] is None
+    line = format_train_line({"step": 40, **means, "lr": 1e-3, "skipped": 10, "img_per_s": 0.0,
+                              "sec_per_step": 0.1}, 100)
+    assert line == "step      40/100 | every step since the last line was skipped (10, NaN/inf gradient) | lr 1.0e-03"

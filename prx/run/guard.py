@@ -32,8 +32,8 @@ class BadStepGuard:
         self.skipped += 1
         if self.in_a_row >= self.max_in_a_row:
             raise TooManyBadSteps(
-                f"step {step}: the gradient was NaN or inf in {self.in_a_row} steps in a row; stopping. "
-                "Lower optim.lr, check the data, or resume from an earlier checkpoint with --resume PATH"
+                f"step {step}: the gradient was NaN or inf in {self.in_a_row} steps in a row, so the run stopped "
+                "(lower optim.lr or check the data)"
             )
         return False
 

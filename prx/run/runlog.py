@@ -68,7 +68,7 @@ class RunLog:
             f.write(json.dumps(record) + "\n")
         if record.get("kind") == "train":
             self.print(format_train_line(record, self.total_steps))
-            if self.bar is not None:
+            if self.bar is not None and record["loss"] is not None:
                 self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
 
     def close(self) -> None:
@@ -82,6 +82,9 @@ def format_train_line(r: dict, total_steps: int) -> str:
         for label, name in zip(("t<.3", ".3-.6", ">.6"), (f"loss_{n}" for n in T_BIN_NAMES))
     )
     skipped = f" | skipped {r['skipped']} (NaN/inf)" if r.get("skipped") else ""
+    if r["loss"] is None:  # no step of the window was applied
+        return (f"step {r['step']:>7}/{total_steps} | every step since the last line was skipped "
+                f"({r['skipped']}, NaN/inf gradient) | lr {r['lr']:.1e}")
     # the weighted terms of the recipe's loss, when there is more than the diffusion term
     terms = [(name, r[f"loss_{name}"]) for name in LOSS_TERMS if r.get(f"loss_{name}") is not None]
     parts = f" ({' '.join(f'{name} {value:.4f}' for name, value in terms)})" if len(terms) > 1 else ""

@@ -7,17 +7,22 @@ itself, so send SIGUSR1 only to a `python train.py` run). Without a handler the 
 mid-step and the run loses everything since its last checkpoint; with `StopSignals` the
 signal only sets a flag, the step in flight finishes, every rank agrees on the step to stop
 after, and the loop writes a checkpoint there before it exits with 128 + the signal number.
+
+Ctrl-C (SIGINT) does the same, and says so; a second Ctrl-C stops at once (KeyboardInterrupt),
+losing the steps since the last checkpoint, for when the step or the save itself hangs.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 
 import torch
 import torch.distributed as dist
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopSignals:
@@ -31,6 +36,12 @@ class StopSignals:
                 self._previous[sig] = signal.signal(sig, self._remember)
 
     def _remember(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.signum:  # a Ctrl-C after a stop signal: stop at once
+                raise KeyboardInterrupt
+            if os.environ.get("RANK", "0") == "0":
+                print("\nCtrl-C: checkpointing at the end of this step, then stopping "
+                      "(Ctrl-C again stops at once, without a checkpoint)", file=sys.stderr, flush=True)
         self.signum = self.signum or signum
 
     def agreed(self, device: torch.device, world_size: int) -> int:

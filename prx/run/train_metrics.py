@@ -3,7 +3,8 @@
 Kept on the device and added without a host sync; one all-reduce per log line turns them into
 the record's means: loss (the weighted sum of the terms), gradient norm, each loss term
 (`loss_<term>`), and the diffusion loss per timestep bin (`loss_t0.0-0.3`, ...: a sample counts
-in its bin, so a bin's mean is over the samples that fell in it, across ranks).
+in its bin, so a bin's mean is over the samples that fell in it, across ranks). A window in which
+no step was applied (every gradient NaN/inf, skipped) has no means: its values are None.
 """
 
 from __future__ import annotations
@@ -38,13 +39,13 @@ class TrainMetrics:
         totals = all_reduce_mean(torch.cat(parts)).tolist()  # one collective for the whole line
         n = len(T_BIN_NAMES)
         sums, bin_sums, bin_counts, term_sums = totals[:3], totals[3:3 + n], totals[3 + n:3 + 2 * n], totals[3 + 2 * n:]
-        steps = max(sums[2], 1e-12)
-        means = {"loss": sums[0] / steps, "grad_norm": sums[1] / steps}
+        steps = sums[2]
+        means = {"loss": sums[0] / steps if steps else None, "grad_norm": sums[1] / steps if steps else None}
         for name, total, count in zip(T_BIN_NAMES, bin_sums, bin_counts):
             means[f"loss_{name}"] = total / count if count else None
         for name, total in zip(LOSS_TERMS, term_sums):
             if name in self.active_terms:
-                means[f"loss_{name}"] = total / steps
+                means[f"loss_{name}"] = total / steps if steps else None
         for part in parts:
             part.zero_()
         return means
