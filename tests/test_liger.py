@@ -21,7 +21,7 @@ def test_liger_on_the_cpu_stops_with_one_message(tmp_path):
 
 
 def test_bad_choice_is_refused():
-    with pytest.raises(ConfigError, match="model.fused_ops='fast': use torch or liger"):
+    with pytest.raises(ConfigError, match="model.fused_ops='fast': must be one of torch, liger"):
         train.main(["--set", "model.fused_ops=fast", "--steps", "1"])
 
 

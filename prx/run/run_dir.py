@@ -38,7 +38,7 @@ def check_writable(run_dir: Path) -> None:
     """The run directory exists, or can be made, and takes files; else one line that says why."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"train.run_dir={run_dir} is a file, not a directory; pick another --run-dir")
-    probe = run_dir / ".prx_write_test"
+    probe = run_dir / f".prx_write_test.{os.getpid()}"  # one per process: ranks probe at once
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
