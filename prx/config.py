@@ -30,6 +30,7 @@ from prx.config_rules import (
     TEXT,
     WRITABLE_DIR,
     ConfigError,
+    OneLineParser,
     Rule,
     check_value,
     integer,
@@ -562,14 +563,6 @@ def save_json(cfg: Config, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- command line
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage mistakes raise ConfigError, so a command's `cli` reports them as one
-    line (`error: ...`, exit status 2) like every other bad value, not as usage text."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        raise ConfigError(f"{message} (see --help)")
 
 
 # The flags people type often: each stands for a --set of one field (flag -> field, type, help).

@@ -2,11 +2,13 @@
 
 A rule says in words what it accepts ("an integer >= 1", "a finite number in [0, 1)") and, where
 the range is not obvious, why; `check_value` turns a refused value into the one-line message
-`section.field=value: must be ...` that the commands print.
+`section.field=value: must be ...` that the commands print; `OneLineParser` makes argparse's own
+usage mistakes the same kind of one line.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import operator
 import os
@@ -92,3 +94,11 @@ def check_value(name: str, value, rule: Rule) -> None:
         detail = writable_dir_problem(Path(value)) if rule is WRITABLE_DIR and isinstance(value, str) and value else ""
         why = "; ".join(part for part in (detail, rule.why) if part)
         raise ConfigError(f"{name}={show(value)}: must be {rule.description}" + (f" ({why})" if why else ""))
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage mistakes raise ConfigError, so a command's `cli` reports them as one
+    line (`error: ...`, exit status 2) like every other bad value, not as usage text."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{message} (see --help)")

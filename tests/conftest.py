@@ -1,6 +1,7 @@
 """Test setup: no network, Triton kernels under the interpreter when there is no GPU."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,3 +29,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4.5 MiB file system (tmpfs), where mounting is allowed (root, as on CI)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4608k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)

@@ -13,6 +13,7 @@ from prx.run.checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
     CheckpointWriter,
+    _file_sums,
     checkpoint_dir,
     latest_checkpoint,
     load_model_weights,
@@ -20,7 +21,6 @@ from prx.run.checkpoint import (
     read_meta,
     verify_checkpoint,
 )
-from prx.run.checkpoint import _file_sums
 
 
 def reseal(path):

@@ -92,7 +92,8 @@ def test_bad_input_is_skipped_and_counted(tmp_path):
                ("f.jpg", good), ("f.txt", b"last")]
     path = write_tar(tmp_path / "bad.tar", members)
     rows, report = scan_shard(path)
-    assert len(rows) == 3 and dict(report.bad) == {"no caption": 1, "no image": 1, "corrupt image": 1}
+    assert len(rows) == 3
+    assert dict(report.bad) == {"image without caption": 1, "caption without image": 1, "corrupt image": 1}
     shards = ShardSet([path], max_bad_fraction=0.9)
     assert [shards.read(i)[1] for i in range(3)] == ["fine", "from json", "last"]
 

@@ -271,18 +271,6 @@ def test_a_failed_background_save_stops_the_run_at_the_next_step(tmp_path, capsy
     assert latest_checkpoint(run).name == "step_00000002"
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 4.5 MiB file system (tmpfs), where mounting is allowed (root, as on CI)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4608k", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
-
-
 def test_a_really_full_disk(small_disk, capsys):
     """One checkpoint of this model takes 3.0 MiB (weights and AdamW moments): the second cannot fit."""
     run = small_disk / "run"

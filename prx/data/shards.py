@@ -13,15 +13,17 @@ Instead each shard gets an index -- byte offsets and image sizes of its samples,
 trainer draws a global permutation of all samples, reading each with one `pread`. Local disks
 serve this easily: 160 img/s of ~300 KB is ~50 MB/s of random reads per GPU.
 
-Bad input is counted, never fatal by itself: a member whose data runs past the end of the file
-(a tar cut mid-write), a sample without an image or caption, an image whose header does not
-parse. Too many of them in one shard stops the run with the shard's name (`ShardError`).
+Bad input is counted under its reason, never fatal by itself: "truncated tar" (a member whose
+data runs past the end of the file: a tar cut mid-write), "caption without image" and "image
+without caption" (a key with only one of the two; "no image or caption" for a key with neither,
+e.g. only a `.cls`), "corrupt image" (a header that does not parse), "image too large" (over the
+pixel limit of `prx.data.images`: a decompression bomb), "not a tar file". Too many of them in
+one shard stops the run with the shard's name (`ShardError`).
 """
 
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 import re
@@ -31,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+from prx.data.images import ImageTooLarge, open_image
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_TXT, CAPTION_JSON = 1, 2
@@ -108,17 +111,19 @@ def index_path(shard: Path) -> Path:
                            else shard.name + ".index.npz")
 
 
-def _image_size(f, offset: int, size: int) -> tuple[int, int] | None:
-    """(width, height) from the image header, or None when it does not parse."""
+def _image_size(f, offset: int, size: int) -> tuple[int, int] | str:
+    """(width, height) from the image header, or the reason it is bad: "corrupt image" (the header
+    does not parse) or "image too large" (over the pixel limit)."""
     for probe in (min(size, HEADER_PROBE_BYTES), size):
         f.seek(offset)
         try:
-            with Image.open(io.BytesIO(f.read(probe))) as im:
+            with open_image(f.read(probe)) as im:
                 return im.size
-        except Exception:  # PIL raises many types for bad data; all mean "not an image"
-            if probe == size:
-                return None
-    return None
+        except ImageTooLarge:
+            return "image too large"
+        except Exception:  # Pillow raises many types for bad headers; maybe only the probe was short
+            pass
+    return "corrupt image"
 
 
 def scan_shard(shard: Path) -> tuple[np.ndarray, ScanReport]:
@@ -156,14 +161,14 @@ def scan_shard(shard: Path) -> tuple[np.ndarray, ScanReport]:
             if caption is None:
                 caption, kind = members.get("json"), CAPTION_JSON
             if image is None:
-                report.bad["no image"] += 1
+                report.bad["caption without image" if caption is not None else "no image or caption"] += 1
                 continue
             if caption is None:
-                report.bad["no caption"] += 1
+                report.bad["image without caption"] += 1
                 continue
             size = _image_size(f, image.offset_data, image.size)
-            if size is None:
-                report.bad["corrupt image"] += 1
+            if isinstance(size, str):
+                report.bad[size] += 1
                 continue
             rows.append((image.offset_data, image.size, caption.offset_data, caption.size, kind, *size))
     report.samples = len(rows)
@@ -174,31 +179,55 @@ def write_index(shard: Path, rows: np.ndarray, report: ScanReport) -> Path:
     """Save the index beside the shard, atomically (temp file, then rename)."""
     path = index_path(shard)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, rows=rows, tar_size=np.int64(shard.stat().st_size), version=np.int64(INDEX_VERSION),
-                 bad=np.bytes_(json.dumps(dict(report.bad))))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, rows=rows, tar_size=np.int64(shard.stat().st_size), version=np.int64(INDEX_VERSION),
+                     bad=np.bytes_(json.dumps(dict(report.bad))))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
 def load_index(shard: Path) -> tuple[np.ndarray, ScanReport]:
-    """The shard's index: from its .index.npz when that matches the tar's size, else by scanning
-    (and saving the result when the directory is writable)."""
+    """The shard's index: from its .index.npz when that is intact and matches the tar, else by
+    scanning (and saving the result when the directory is writable)."""
     path = index_path(shard)
     if path.exists():
-        try:
-            with np.load(path) as saved:
-                if int(saved["version"]) == INDEX_VERSION and int(saved["tar_size"]) == shard.stat().st_size:
-                    rows = saved["rows"]
-                    return rows, ScanReport(len(rows), Counter(json.loads(bytes(saved["bad"]))))
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable or stale index: rebuild it below
+        saved = _read_index(path, shard.stat().st_size)
+        if saved is not None:
+            return saved
     rows, report = scan_shard(shard)
     try:
         write_index(shard, rows, report)
     except OSError:
         pass  # read-only data directory: scan again next time
     return rows, report
+
+
+def _read_index(path: Path, tar_size: int) -> tuple[np.ndarray, ScanReport] | None:
+    """A saved index, or None when it is stale or damaged in any way: cut short (zipfile's
+    BadZipFile, EOFError), bytes flipped (a CRC error, garbage arrays), another layout, or rows
+    that point outside the tar. None means "rebuild": a bad index must never be read as data."""
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            if int(saved["version"]) != INDEX_VERSION or int(saved["tar_size"]) != tar_size:
+                return None
+            rows = saved["rows"]
+            bad = Counter({str(k): int(v) for k, v in json.loads(bytes(saved["bad"])).items()})
+    except Exception:  # numpy and zipfile raise a dozen types for damaged files; all mean "rebuild"
+        return None
+    if rows.dtype != INDEX_DTYPE or rows.ndim != 1:
+        return None
+    for start, size in (("image_offset", "image_size"), ("caption_offset", "caption_size")):
+        if len(rows) and (rows[start].min() < 0 or rows[size].min() < 0
+                          or int((rows[start] + rows[size]).max()) > tar_size):
+            return None
+    if len(rows) and (rows["width"].min() < 1 or rows["height"].min() < 1
+                      or not np.isin(rows["caption_kind"], (CAPTION_TXT, CAPTION_JSON)).all()):
+        return None
+    return rows, ScanReport(len(rows), bad)
 
 
 # ----------------------------------------------------------------------------- all shards
@@ -238,7 +267,7 @@ class ShardSet:
         parts = [f"{n} {reason}" for reason, n in sorted(total.items())]
         if empty:
             parts.append(f"{empty} empty shard(s)")
-        return ", ".join(parts) if parts else "no bad input"
+        return ", ".join(parts) if parts else "none"
 
     def check_bad(self, shard_id: int, bad: int, seen: int, when: str) -> None:
         """Stop when a shard's bad share is above the limit (and not just one or two files)."""

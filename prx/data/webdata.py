@@ -11,13 +11,16 @@ as a run on one (each rank decodes its slots r, r + W, ...).
 Decoding: DALI on the GPU when available (`prx.data.dali`: nvJPEG, resize on the GPU), otherwise
 DataLoader worker processes with Pillow. Both crop the same source box and resize it with a
 linear antialiased filter, so they agree up to the JPEG decoders' rounding (tests check this).
-A sample that fails to decode is replaced by another sample of its bucket, drawn from
-(seed, k, slot), and counted against its shard.
+Every image becomes 8-bit RGB by `prx.data.images.to_rgb8` (16-bit gray scaled, alpha over
+white, palettes and CMYK converted); a batch holding an image that is not plain 8-bit gray or RGB
+is decoded with Pillow even when DALI is on, as DALI would drop the alpha and its handling of
+16-bit and CMYK files is not the same. A sample that fails to decode, or is over the pixel limit,
+is replaced by another sample of its bucket, drawn from (seed, k, slot), and counted against its
+shard.
 """
 
 from __future__ import annotations
 
-import io
 import itertools
 from collections import Counter
 
@@ -27,6 +30,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from prx.data.buckets import BucketBatches, assign_buckets, bucket_sizes, crop_box, describe_buckets
+from prx.data.images import DECODE_ERRORS, is_plain_rgb8, open_image, to_rgb8
 from prx.data.shards import ShardError, ShardSet, find_shards
 from prx.data.stream import BatchSource, ImageBatch
 from prx.rng import mix_seed
@@ -36,8 +40,9 @@ MAX_STAND_INS = 16  # attempts to find a decodable stand-in for a bad sample bef
 
 def decode_image(data: bytes, out_h: int, out_w: int, offset=(0.5, 0.5), dct_scaling: bool = True
                  ) -> torch.Tensor:
-    """Encoded image -> uint8 (3, out_h, out_w): crop the covering box, resize (bilinear, antialiased)."""
-    with Image.open(io.BytesIO(data)) as im:
+    """Encoded image -> uint8 (3, out_h, out_w): crop the covering box, resize (bilinear, antialiased).
+    Raises ImageTooLarge over the pixel limit (`prx.data.images`), OSError etc. on corrupt data."""
+    with open_image(data) as im:
         width, height = im.size
         box = crop_box(width, height, out_h, out_w, offset)
         # JPEG only: let libjpeg decode at 1/2, 1/4 or 1/8 scale when the box is still at least the
@@ -47,7 +52,7 @@ def decode_image(data: bytes, out_h: int, out_w: int, offset=(0.5, 0.5), dct_sca
         if scale:
             factor = im.size[0] / width
             box = tuple(v * factor for v in box)
-        rgb = im.convert("RGB").resize((out_w, out_h), Image.Resampling.BILINEAR, box=box)
+        rgb = to_rgb8(im).resize((out_w, out_h), Image.Resampling.BILINEAR, box=box)
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
 
 
@@ -82,15 +87,26 @@ class BatchReader(Dataset):
         return int(members[torch.randint(len(members), (1,), generator=g)])
 
     def __getitem__(self, number: int) -> dict:
+        item, needs_pillow = self.read_batch(number, self.encoded_only)
+        if needs_pillow:  # DALI would decode one of its images differently (alpha, 16 bits, CMYK...)
+            item, _ = self.read_batch(number, encoded_only=False)
+        return item
+
+    def read_batch(self, number: int, encoded_only: bool) -> tuple[dict, bool]:
+        """(batch, whether one of its images needs Pillow): decoded images, or with `encoded_only`
+        the bytes and crop boxes for DALI."""
         bucket, indices = self.order.batch(number)
         out_h, out_w = self.sizes[bucket]
         images, captions, encoded, boxes, bad = [], [], [], [], []
+        needs_pillow = False
         for i, slot in zip(indices, self.order.slots):
             offset = self.offset(number, slot)
             for attempt in range(MAX_STAND_INS + 1):
                 try:
                     data, caption = self.shards.read(i, self.caption_key)
-                    if self.encoded_only:
+                    if encoded_only:
+                        with open_image(data) as im:  # the header only: bad ones get a stand-in here too
+                            needs_pillow = needs_pillow or not is_plain_rgb8(im)
                         row = self.shards.rows[i]
                         boxes.append(crop_box(int(row["width"]), int(row["height"]), out_h, out_w, offset))
                         encoded.append(data)  # bytes: DataLoader's conversion leaves them alone
@@ -98,18 +114,18 @@ class BatchReader(Dataset):
                         images.append(decode_image(data, out_h, out_w, offset))
                     captions.append(caption)
                     break
-                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+                except DECODE_ERRORS as err:
                     bad.append((int(self.shards.shard_of[i]), f"{type(err).__name__}: {err}"))
                     i = self.stand_in(bucket, number, slot, attempt)
             else:
                 raise ShardError(f"batch {number}: no decodable image in {MAX_STAND_INS} tries in bucket "
                                  f"{out_h}x{out_w}; last shard tried {self.shards.shard_name(i)}")
         result = {"number": number, "bucket": bucket, "indices": indices, "captions": captions, "bad": bad}
-        if self.encoded_only:
+        if encoded_only:
             result.update(encoded=encoded, boxes=boxes)
         else:
             result["images"] = torch.stack(images)
-        return result
+        return result, needs_pillow
 
     def __len__(self) -> int:  # the stream is endless; DataLoader never asks (sampler-driven)
         raise TypeError("BatchReader is indexed by batch number without end")
@@ -137,8 +153,8 @@ class ShardBatches(BatchSource):
         self.seen, self.bad = Counter(), Counter()  # per shard id, decode time
         self._batches = None
         self._dali = None
-        log(f"data: {len(self.shards.shards)} shard(s), {len(self.shards):,} samples "
-            f"({self.shards.bad_summary()} while indexing); decoder {self.decoder}; "
+        log(f"data: {len(self.shards.shards)} shard(s), {len(self.shards):,} samples; skipped while "
+            f"indexing: {self.shards.bad_summary()}; decoder {self.decoder}; "
             + describe_buckets(self.sizes, self.order, patch_size))
 
     def prompts(self, count: int, caption_key: str = "caption") -> list[str]:
@@ -169,7 +185,7 @@ class ShardBatches(BatchSource):
             self._batches = self._start()
         item = next(self._batches)
         assert item["number"] == self.order.position, "batches arrived out of order"
-        if self.decoder != "cpu":
+        if "images" not in item:  # DALI's batch (the reader decoded it with Pillow when it had to)
             item = self._decode_with_dali(item)
         self._count(item)
         self.order.position += 1
@@ -189,11 +205,7 @@ class ShardBatches(BatchSource):
             self.log(f"data: DALI failed on batch {item['number']} ({str(err).splitlines()[0][:200]}); "
                      "decoding it with Pillow")
             self._dali = None  # rebuild: a pipeline that raised is not reused
-            self.reader.encoded_only = False
-            try:
-                return self.reader[item["number"]]
-            finally:
-                self.reader.encoded_only = True
+            return self.reader.read_batch(item["number"], encoded_only=False)[0]
 
     def _count(self, item: dict) -> None:
         for i in item["indices"]:
