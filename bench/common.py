@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import os
 import platform
 import statistics
 import subprocess
@@ -33,6 +34,18 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def git_revision() -> str:
+    """The checkout's short sha; PRX_GIT_REVISION where git is missing (the GPU machine has none:
+    bench/gpu_check.sh passes the sha it was given), else ""."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:  # no git executable
+        done = None
+    if done is not None and done.returncode == 0:
+        return done.stdout.strip()
+    return os.environ.get("PRX_GIT_REVISION", "")
+
+
 def environment(device: torch.device) -> dict:
     """The columns that say where and with what a row was measured."""
     try:
@@ -41,13 +54,12 @@ def environment(device: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = ""
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(device),
         "torch": torch.__version__,
         "triton": triton_version,
-        "git": git.stdout.strip(),
+        "git": git_revision(),
     }
 
 

@@ -171,12 +171,14 @@ def _positions(name: str, x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
 def _lpips_blocks(stride_c: int, positions: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_P, warps), a 1024-value tile: contiguous positions (NCHW) get up to 64
     positions per program, fewer on the small deep layers so that the grid still fills the GPU;
-    contiguous channels (channels-last) get 16 positions x 64 channels."""
+    contiguous channels (channels-last) get 16 positions x 64 channels. 8 warps: at 4 the forward
+    needs 96 registers a thread, 5 blocks (640 threads) per SM; at 8, 62 and 4 blocks (1,024
+    threads), what a memory-bound kernel needs to hide DRAM latency (bench/kernel_resources.py)."""
     if stride_c == 1:
-        return 64, 16, 4
+        return 64, 16, 8
     block_p = triton.next_power_of_2(max(1, positions // target_programs(device)))
     block_p = max(16, min(64, block_p))
-    return 1024 // block_p, block_p, 4
+    return 1024 // block_p, block_p, 8
 
 
 def _lpips_weight(weight: Tensor, channels: int) -> Tensor:
