@@ -1,10 +1,11 @@
 """Attention of image queries over [text keys; image keys], and 2-D rotary position embedding.
 
 Padded text keys are excluded once per forward, never with a (B, heads, L, L) mask per block:
-`KeyPadding.build` turns the text mask into whatever the chosen backend needs (nothing when no
-caption is padded; a (B, 1, 1, L) boolean mask that broadcasts over heads and queries for
+`KeyPadding.build` turns the text mask into whatever the chosen backend needs (nothing without a
+text mask; a (B, 1, 1, L) boolean mask that broadcasts over heads and queries for
 SDPA; packed keys with cumulative lengths for FlashAttention's variable-length kernel) and every
-block reuses it.
+block reuses it. Masked SDPA calls on a GPU never have a key count of 64 mod 128: see
+`cudnn_safe_key_count` (pytorch issue 196678).
 
 Backends: FlashAttention 3 (`flash_attn_interface`) or 2 (`flash_attn`) when importable on a
 GPU, else PyTorch SDPA with cuDNN preferred (docs/recipe.md section 9: cuDNN 1.6 ms vs 2.4 ms for the
@@ -39,6 +40,29 @@ _CUDA_SDPA_ORDER = [
     SDPBackend.EFFICIENT_ATTENTION,
     SDPBackend.MATH,
 ]
+CUDNN_KEY_TILE = 128  # cuDNN's SDPA backward walks the keys in 128-wide tiles (pytorch issue 196678)
+CUDNN_BAD_REMAINDER = 64  # the one key count mod 128 that gives NaN there
+
+
+def cudnn_safe_key_count(num_keys: int) -> int:
+    """The key count a masked cuDNN SDPA call runs with: `num_keys`, or the next multiple of 128
+    when `num_keys` is 64 mod 128 (the extra keys are zeros and masked out).
+
+    pytorch issue 196678 (torch 2.11 and later, H100 and H200, cuDNN SDPA, which we prefer on a
+    GPU): with an `attn_mask` passed (an all-True one too) and a key count of 64 mod 128 (64, 192,
+    320, ..., 1088), the backward's query gradient is NaN for a query row whose log-sum-exp is
+    below -88.7. That threshold is -ln(FLT_MAX): our reading is that the empty half of the last
+    128-wide key tile is scored 0 instead of -inf, exp(0 - lse) overflows, and inf * 0 gives NaN
+    (not verified on a GPU here; the GPU test reproduces the case). Multiples of 128 and every other
+    remainder tested there are clean, so only that remainder moves, by 64 keys. Our key count is
+    the padded caption (a multiple of 16) + the image tokens of the block (256 or 1024 at the
+    square sizes, 128 or 512 inside the TREAD span), so a padded caption of 64 or 192 tokens hits
+    it in every block; aspect buckets and other routing shares give other counts, and applying
+    the rule per call covers them all. Cost: README, "Attention" (under Kernels).
+    """
+    if num_keys % CUDNN_KEY_TILE == CUDNN_BAD_REMAINDER:
+        return num_keys + CUDNN_KEY_TILE - CUDNN_BAD_REMAINDER
+    return num_keys
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
@@ -59,14 +83,18 @@ class KeyPadding:
 
     backend: str
     key_valid: torch.Tensor | None = None  # (B, T + N) bool; None: every key is real
-    sdpa_mask: torch.Tensor | None = None  # (B, 1, 1, T + N) bool, True = attend
+    sdpa_mask: torch.Tensor | None = None  # (B, 1, 1, T + N + extra_keys) bool, True = attend
     packed_index: torch.Tensor | None = None  # flash: positions of real keys in (B * (T + N))
     cu_seqlens_k: torch.Tensor | None = None  # flash: int32 (B + 1,)
     max_seqlen_k: int = 0
+    extra_keys: int = 0  # sdpa: masked zero keys `attention` appends (`cudnn_safe_key_count`)
 
     @staticmethod
-    def build(text_mask: torch.Tensor | None, num_image_tokens: int, backend: str) -> "KeyPadding":
-        if text_mask is None:
+    def build(text_mask: torch.Tensor | None, num_image_tokens: int, backend: str,
+              cudnn_rule: bool | None = None) -> "KeyPadding":
+        """`cudnn_rule`: apply `cudnn_safe_key_count`; None = where cuDNN can run, an SDPA mask on a
+        GPU (flash varlen, math and CPU SDPA are unaffected); True forces it (tests on CPU)."""
+        if text_mask is None:  # no mask, no bug: cuDNN without attn_mask is clean
             return KeyPadding(backend)
         b = text_mask.shape[0]
         image_valid = text_mask.new_ones(b, num_image_tokens, dtype=torch.bool)
@@ -77,13 +105,20 @@ class KeyPadding:
             return KeyPadding(backend, key_valid,
                               packed_index=key_valid.flatten().nonzero().squeeze(1),
                               cu_seqlens_k=cu, max_seqlen_k=int(lengths.max()))
-        return KeyPadding(backend, key_valid, sdpa_mask=key_valid[:, None, None, :])
+        if cudnn_rule is None:
+            cudnn_rule = backend == "sdpa" and text_mask.is_cuda
+        num_keys = key_valid.shape[1]
+        extra = cudnn_safe_key_count(num_keys) - num_keys if cudnn_rule else 0
+        mask = F.pad(key_valid, (0, extra), value=False) if extra else key_valid
+        return KeyPadding(backend, key_valid, sdpa_mask=mask[:, None, None, :], extra_keys=extra)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: KeyPadding) -> torch.Tensor:
     """q (B, N, H, D) over k, v (B, L, H, D) -> (B, N, H, D); scale 1/sqrt(D), no causal mask."""
     if pad.backend == "flash":
         return _flash_attention(q, k, v, pad)
+    if pad.extra_keys:  # zero keys at the end, masked out by pad.sdpa_mask: k, v (B, L + extra, H, D)
+        k, v = (F.pad(x, (0, 0, 0, 0, 0, pad.extra_keys)) for x in (k, v))
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, L, D)
     if pad.backend == "math":
         return math_attention(qh, kh, vh, pad.sdpa_mask).transpose(1, 2)
