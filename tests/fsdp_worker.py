@@ -1,13 +1,16 @@
 """FSDP2 as train.py applies it, with bf16 compute, checked against the unsharded model: on the
-CPU with gloo (`--cpu`), or on a GPU with NCCL (one rank: a machine here has one GPU). Run under
+CPU with gloo (`--cpu`), on a GPU with NCCL (one rank: a machine here has one GPU), or with every
+rank on that one GPU over gloo (`--gloo`: NCCL refuses two ranks on one device). Run under
 torchrun by tests/test_parallel.py and tests/test_train_gpu.py; exits non-zero with the failed
 checks' messages.
 
 1. Forward and every gradient with bf16 compute (FSDP2's bf16 parameters under autocast): no
-   further from the fp32 model than plain autocast is, within twice its error (the low-precision rule of docs/architecture.md).
+   further from the fp32 model than plain autocast is, within twice its error (the low-precision
+   rule of docs/architecture.md).
 2. Parameters and gradients stay fp32 (docs/recipe.md section 6: bf16-stored weights cost 3.7 FID).
 3. One Muon + Adam step from the same gradients: the sharded path (rows all-to-all'd to the
-   matrix's owner over NCCL, as uint8) moves every parameter exactly as the unsharded one does.
+   matrix's owner, as uint8; with more than one rank) moves every parameter exactly as the
+   unsharded one does.
 """
 
 import copy
@@ -39,6 +42,20 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((full(a).float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
 
+def init_distributed() -> torch.device:
+    """This rank's device and process group, from the flags: `--cpu` gloo on the CPU; `--gloo` gloo
+    with every rank on cuda:0 (it stages CUDA tensors through pinned host memory, so unlike NCCL it
+    takes two ranks on one GPU); otherwise NCCL with a GPU per rank."""
+    gloo_on_gpu = "--gloo" in sys.argv
+    index = 0 if gloo_on_gpu else int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cpu" if "--cpu" in sys.argv else "cuda", index)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.cuda.init()  # initialized now, init_device_mesh keeps this device (not cuda:LOCAL_RANK)
+    dist.init_process_group("nccl" if device.type == "cuda" and not gloo_on_gpu else "gloo")
+    return device
+
+
 def forward_backward(model, inputs, autocast: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     x, t, text, mask, grid = inputs
     with torch.autocast(x.device.type, torch.bfloat16, enabled=autocast):
@@ -48,10 +65,7 @@ def forward_backward(model, inputs, autocast: bool) -> tuple[torch.Tensor, dict[
 
 
 def main() -> None:
-    device = torch.device("cpu" if "--cpu" in sys.argv else "cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    device = init_distributed()
     torch.manual_seed(0)
     reference = PRX(CFG)
     for p in reference.parameters():  # adaLN-Zero starts at zero: give every path a signal
@@ -95,7 +109,7 @@ def main() -> None:
                             f"{(full(moved[name]) - p).abs().max().item():.2e}")
     print("\n".join(failures) or f"FSDP2 on {device.type}: every check passed", flush=True)
     dist.destroy_process_group()
-    sys.exit(1 if failures else 0)
+    os._exit(1 if failures else 0)  # gloo may abort in interpreter teardown (tests/muon_worker.py)
 
 
 if __name__ == "__main__":
