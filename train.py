@@ -37,7 +37,7 @@ from prx.hub import PretrainedMissing
 from prx.model import liger
 from prx.model.denoiser import PRX, count_parameters
 from prx.model.tread import plan_route, route_seeds
-from prx.optim import build_optimizer
+from prx.optim import MuonAdam, build_optimizer
 from prx.recipe.ema import EMA
 from prx.recipe.flow import sample_timesteps
 from prx.recipe.loss_terms import LOSS_TERMS, load_teachers, micro_batch_loss
@@ -164,6 +164,8 @@ def train(cfg: Config, args: argparse.Namespace, dist: DistInfo, plan: BatchPlan
     # ------------------------------------------------------------------ parallelize, optimizer
     train_model = parallelize(model, cfg.parallel, device, dist.world_size, compute_dtype)
     optimizer = build_optimizer(model, cfg)
+    if isinstance(optimizer, MuonAdam) and dist.world_size > 1 and cfg.parallel.data_parallel == "fsdp":
+        log.print(optimizer.describe_owners(dist.world_size))  # whole matrices on owner ranks
     ema = EMA(model, cfg.ema.decay, cfg.ema.every) if cfg.ema.enabled else None  # shards like the model
     guard = BadStepGuard(cfg.train.max_bad_steps)
 

@@ -120,9 +120,19 @@ def prx_workload() -> None:
     with torch.device("meta"):
         model = PRX(cfg)
     shapes = sorted({tuple(p.shape) for name, p in model.named_parameters() if is_muon_parameter(name, p)})
-    for rows, cols in shapes:  # two matrices a bank (the count changes only the grid); two steps: the
-        # first folds the norm in (HAS_SCALE), the others do not
-        kernels.newton_schulz(empty((2, rows, cols), dtype=torch.bfloat16), [(3.4445, -4.7750, 2.0315)] * 2)
+    for rows, cols in shapes:  # two matrices a bank (the count changes only the grid); the standard
+        # iteration: two steps (the first folds the norm in, HAS_SCALE); the Gram one (the default):
+        # five, which include its restart after step 3 and every product kind
+        bank = empty((2, rows, cols), dtype=torch.bfloat16)
+        kernels.newton_schulz(bank, [(3.4445, -4.7750, 2.0315)] * 2, method="standard")
+        kernels.newton_schulz(bank, [(3.4445, -4.7750, 2.0315)] * 5, method="gram")
+        # Muon's element-wise passes on fp32 matrices (Nesterov on and off); the update reads O as
+        # Newton-Schulz returns it, a transposed view for the tall banks
+        grads, buffers = ([empty((rows, cols)) for _ in range(2)] for _ in range(2))
+        for nesterov in (True, False):
+            bank = kernels.momentum_to_bank(grads, buffers, 0.95, nesterov)
+        o = empty((2, cols, rows), dtype=torch.bfloat16).mT if rows > cols else bank
+        kernels.apply_update(grads, list(o.unbind(0)), 1e-4, 0.99)
 
 
 def odd_shapes_workload() -> None:
@@ -134,8 +144,17 @@ def odd_shapes_workload() -> None:
 
     g = torch.Generator().manual_seed(0)
     bank = torch.randn(2, 40, 72, generator=g).bfloat16()
-    kernels.newton_schulz(bank, [(3.4445, -4.7750, 2.0315)] * 2)
-    kernels.newton_schulz(bank.mT.contiguous(), [(3.4445, -4.7750, 2.0315)])  # tall
+    for method in ("standard", "gram"):
+        kernels.newton_schulz(bank, [(3.4445, -4.7750, 2.0315)] * 2, method=method)
+        kernels.newton_schulz(bank.mT.contiguous(), [(3.4445, -4.7750, 2.0315)], method=method)  # tall
+    # Muon's element-wise passes on matrices that start 4 bytes off 16-byte alignment (as FSDP2's
+    # row shards of a flat buffer may), O as the transposed view of a tall bank
+    flat = torch.randn(1 + 4 * 40 * 72, generator=g)
+    shards = [flat[1 + i * 40 * 72:1 + (i + 1) * 40 * 72].view(40, 72) for i in range(4)]
+    grads, buffers = shards[:2], shards[2:]
+    kernels.apply_update(grads, list(kernels.momentum_to_bank(grads, buffers, 0.95, True).unbind(0)), 1e-4, 0.99)
+    tall = [torch.randn(72, 40, generator=g) for _ in range(2)]
+    kernels.apply_update(tall, list(bank.mT.unbind(0)), 1e-4)
 
     images = torch.randint(0, 256, (2, 3, 16, 24), generator=g, dtype=torch.uint8)
     t, seeds = torch.rand(2, generator=g), torch.tensor([11, 12])

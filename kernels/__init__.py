@@ -10,7 +10,8 @@ in tests).
 
 Files, one op family each, in layers (kernel, launcher, registered op with autograd, functional
 API): patchify.py (patchify + noise, unpatchify), routing.py (TREAD selection, gather,
-scatter), muon.py (batched Newton-Schulz), flow_matching.py (velocity loss), lpips_head.py
+scatter), muon.py (batched Newton-Schulz), muon_update.py (Muon's momentum into a bank, and the
+parameter update), flow_matching.py (velocity loss), lpips_head.py
 (LPIPS distance heads), cosine.py (masked cosine alignment); launch.py holds what the launchers
 share.
 """
@@ -29,10 +30,11 @@ try:
     from kernels import flow_matching as _flow_matching
     from kernels import lpips_head as _lpips_head
     from kernels import muon as _muon
+    from kernels import muon_update as _muon_update
     from kernels import patchify as _patchify
     from kernels import routing as _routing
 except ImportError:  # no triton on this machine: the references run
-    _cosine = _flow_matching = _lpips_head = _muon = _patchify = _routing = None
+    _cosine = _flow_matching = _lpips_head = _muon = _muon_update = _patchify = _routing = None
 
 Tensor = torch.Tensor
 PROVIDERS = ("auto", "triton", "reference")
@@ -112,9 +114,23 @@ route_gather_table = ref.route_gather_table  # (N, ...) RoPE tables / positions 
 
 
 def newton_schulz(bank: Tensor, coefficients: list[tuple[float, float, float]], norm_safety: float = 1.0,
-                  eps: float = 1e-7) -> Tensor:
-    """Approximate orthogonal polar factor of every matrix of a bank (K, R, C), in its dtype."""
-    return _impl(bank, _muon).newton_schulz(bank, coefficients, norm_safety, eps)
+                  eps: float = 1e-7, out_scale: float = 1.0, method: str = "standard") -> Tensor:
+    """Approximate orthogonal polar factor of every matrix of a bank (K, R, C), times out_scale, in its
+    dtype. method "standard" iterates on X; "gram" evaluates the same polynomial on X X^T (fewer
+    FLOPs unless square; computes in fp16 for half banks), see kernels/muon.py."""
+    return _impl(bank, _muon).newton_schulz(bank, coefficients, norm_safety, eps, out_scale, method)
+
+
+def momentum_to_bank(grads: Sequence[Tensor], buffers: Sequence[Tensor], momentum: float, nesterov: bool,
+                     dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """Muon's momentum for K same-shape matrices, in place in `buffers`; returns the bank (K, R, C)
+    of the updates (Nesterov or plain) in `dtype`, ready for `newton_schulz`. Gradients are only read."""
+    return _impl(grads[0], _muon_update).momentum_to_bank(grads, buffers, momentum, nesterov, dtype)
+
+
+def apply_update(params: Sequence[Tensor], updates: Sequence[Tensor], step_size: float, decay: float = 1.0) -> None:
+    """p <- p * decay - step_size * o for each (parameter, orthogonalised update) pair, in place."""
+    _impl(params[0], _muon_update).apply_update(params, updates, step_size, decay)
 
 
 # ---------------------------------------------------------------- losses

@@ -11,12 +11,36 @@ off-diagonal tile twice (as itself and mirrored): 3 r^2 c + r^3 FLOP per step in
 fewer FLOP than the full grid; the 48 TFLOP of nominal work per optimizer step (docs/recipe.md
 section 9) becomes 34 TFLOP.
 
+The Gram iteration (method="gram", the trainer's default; Polar Express, arXiv 2505.16932, appendix F;
+the Dao AI Lab's Gram Newton-Schulz write-up) runs
+the same polynomial on r x r matrices. Each X_k is Q_k X0, and Q_k and R_k = X_k X_k^T are
+polynomials in R0 = X0 X0^T: they commute, so the product of any two is symmetric and the same
+upper-triangle kernel computes it (`launch_symmetric_product` with a second operand Y). A step:
+    Z = b R + c3 R R        r^3
+    Q <- Q Z + a Q          r^3   (a segment's first step: Q = Z + a I, no product)
+    RZ = R Z + a R          r^3   } not in a segment's last step,
+    R <- Z RZ + a RZ        r^3   } whose R nothing reads
+that is 4 L - 3 products for a segment of L steps, with R0 (r^2 c) before and O = Q X0
+(2 r^2 c) after. A restart after the third step (X <- Q X, R <- X X^T, Q <- I: another
+3 r^2 c) keeps the rounding of Q, which grows like the product of the a's (3.4445^5 = 480),
+from reaching the output multiplied by all of it. Five steps: 6 r^2 c + 14 r^3 FLOP against
+15 r^2 c + 5 r^3 for the standard iteration with the same symmetric products: equal for a square
+matrix, 26 % less at c = 2 r, 47 % less at c = 6 r. PRX small: 21.5 TFLOP a step instead of 34.3 (as full products
+34.6 instead of 47.9; without the restart 17.2, but 3-15x further from the exact iteration in
+fp16, bench/muon_numerics.py). Precision: the Gram-space matrices and the restarted X are
+stored in fp16 for half banks (bf16 there is 6-9x further from the exact iteration; fp16's range
+holds them: entries of R at most 1, of Q at most the product of 3 a's, 130), in the bank's
+dtype otherwise; products accumulate in fp32. The input enters fp16 scaled, X0 = s x (one
+extra pass over the bank, 4 bytes an element: fp16 cannot hold raw gradient magnitudes); the
+output is written in the bank's dtype. Stored products are exactly symmetric (upper triangle
+mirrored, diagonal tiles included), which the Gram iteration needs.
+
 Fused: the Frobenius normalisation of the input is a per-matrix scale s folded into the first
 step (A0 = s^2 U U^T, X1 = s (a U + B0 U)), so the normalised copy of the input is never written;
 `b A` rides in the epilogue of the A A product and `a X` in the epilogue of B X.
-Not fused: momentum. The parameters are separate tensors, so the momentum update runs as
-torch foreach ops and its result is stacked into one bank per shape (one read and one write
-of the update, about 2 % of the time of the five steps at PRX small sizes).
+Momentum, Nesterov and the cast into the bank, and the parameter update after, are
+kernels/muon_update.py's: one pass each per bank, 24 bytes an element (27.7 GB a step at PRX
+small, 6.6 ms at the H200's 4.21 TB/s; the unfused foreach ops and stack moved 60.1 GB).
 
 Banks: matrices of one shape are stacked (K, R, C) and orthogonalised by one launch per
 product over the whole bank (grid axis 1 = matrix). Operands are read in the bank's dtype
@@ -35,6 +59,7 @@ import triton
 import triton.language as tl
 
 from kernels import launch
+from kernels.ref import NEWTON_SCHULZ_METHODS, gram_dtype, gram_restarts, newton_schulz_flops  # noqa: F401
 
 # (BLOCK, BLOCK_K, num_warps, num_stages). Under the CPU interpreter every program instance
 # costs about a millisecond whatever its size, so small tiles keep tests quick.
@@ -44,17 +69,20 @@ INTERPRETER_TILES = (32, 32, 4, 1)
 
 @triton.jit
 def _symmetric_product_kernel(
-    x_ptr, c_ptr, out_ptr, scale_ptr,
+    x_ptr, y_ptr, c_ptr, out_ptr, scale_ptr,
     M, K,
     stride_xb, stride_xm, stride_xk,
+    stride_yb, stride_ym, stride_yk,
     stride_cb, stride_cm, stride_cn,
     stride_ob, stride_om, stride_on,
     alpha, beta,
     HAS_C: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out = alpha * s^2 * X X^T + beta * C for one upper tile (ti <= tj), mirrored below.
+    """out = alpha * s^2 * X Y^T + beta * C for one upper tile (ti <= tj), mirrored below.
 
+    Y = X (a Gram matrix), or any Y for which X Y^T is symmetric: in the Gram iteration both are
+    symmetric polynomials in one matrix, so they commute and X Y^T = X Y is symmetric.
     Program (p, k): tile pair p of matrix k of the bank, pairs numbered row by row over the
     upper triangle of the T x T tile grid.
     """
@@ -73,7 +101,7 @@ def _symmetric_product_kernel(
     ks = tl.arange(0, BLOCK_K)
     x = x_ptr + batch * stride_xb
     row_ptrs = x + rows[:, None].to(tl.int64) * stride_xm + ks[None, :] * stride_xk
-    col_ptrs = x + cols[None, :].to(tl.int64) * stride_xm + ks[:, None] * stride_xk
+    col_ptrs = y_ptr + batch * stride_yb + cols[None, :].to(tl.int64) * stride_ym + ks[:, None] * stride_yk
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + ks) < K
@@ -81,7 +109,7 @@ def _symmetric_product_kernel(
         right = tl.load(col_ptrs, mask=(cols[None, :] < M) & k_ok[:, None], other=0.0)
         acc = tl.dot(left, right, acc)
         row_ptrs += BLOCK_K * stride_xk
-        col_ptrs += BLOCK_K * stride_xk
+        col_ptrs += BLOCK_K * stride_yk
 
     factor = alpha
     if HAS_SCALE:
@@ -94,10 +122,18 @@ def _symmetric_product_kernel(
         acc += beta * tl.load(c, mask=inside, other=0.0).to(tl.float32)
     out = out_ptr + batch * stride_ob
     value = acc.to(out_ptr.dtype.element_ty)
+    # The tile as computed, then (after a barrier, so these writes land last) the strict lower
+    # triangle mirrored from the upper one, diagonal tiles included: the result is exactly
+    # symmetric. Keeping a diagonal tile's own lower half (X Y^T there is symmetric only up to
+    # rounding when Y != X) made the fp16 Gram iteration 4.6x less accurate (Polar Express,
+    # 3 x 45 x 70 under the interpreter: 0.017 against 0.0037, relative Frobenius). Masking the
+    # first store to the upper triangle instead costs 136 registers with C (1 block per SM,
+    # bench/kernel_resources.py); this costs 128 (2 blocks).
     tl.store(out + rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on, value, mask=inside)
-    mirrored = (cols[:, None] < M) & (rows[None, :] < M) & (ti != tj)
+    tl.debug_barrier()
+    lower = (cols[:, None] < M) & (rows[None, :] < M) & (cols[:, None] > rows[None, :])
     tl.store(out + cols[:, None].to(tl.int64) * stride_om + rows[None, :] * stride_on, tl.trans(value),
-             mask=mirrored)
+             mask=lower)
 
 
 @triton.jit
@@ -156,13 +192,18 @@ def _check_bank(x: torch.Tensor, name: str) -> None:
 
 
 def launch_symmetric_product(x: torch.Tensor, alpha: float = 1.0, c: torch.Tensor | None = None, beta: float = 0.0,
-                      scale: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """alpha * s_k^2 * X_k X_k^T + beta * C_k for every matrix k of a bank X (K, M, N) -> (K, M, M).
+                      scale: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                      y: torch.Tensor | None = None) -> torch.Tensor:
+    """alpha * s_k^2 * X_k Y_k^T + beta * C_k for every matrix k of a bank X (K, M, N) -> (K, M, M).
 
+    Y defaults to X; otherwise X_k Y_k^T must be symmetric (only the upper tiles are computed).
     C must be symmetric (only its upper tiles are read); `scale` is an optional (K,) fp32 s_k.
     """
     _check_bank(x, "symmetric_product")
     k, m, n = x.shape
+    y = x if y is None else y
+    if y.shape != x.shape or y.dtype != x.dtype:
+        raise ValueError(f"symmetric_product: Y is {tuple(y.shape)} {y.dtype}, expected {tuple(x.shape)} {x.dtype}")
     if c is not None and c.shape != (k, m, m):
         raise ValueError(f"symmetric_product: C has shape {tuple(c.shape)}, expected {(k, m, m)}")
     out = torch.empty((k, m, m), device=x.device, dtype=x.dtype) if out is None else out
@@ -170,9 +211,9 @@ def launch_symmetric_product(x: torch.Tensor, alpha: float = 1.0, c: torch.Tenso
     tiles = triton.cdiv(m, block)
     c_arg = c if c is not None else out
     _symmetric_product_kernel[(tiles * (tiles + 1) // 2, k)](
-        x, c_arg, out, scale if scale is not None else out,
+        x, y, c_arg, out, scale if scale is not None else out,
         m, n,
-        *x.stride(), *c_arg.stride(), *out.stride(),
+        *x.stride(), *y.stride(), *c_arg.stride(), *out.stride(),
         float(alpha), float(beta),
         HAS_C=c is not None, HAS_SCALE=scale is not None,
         BLOCK=block, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
@@ -201,20 +242,27 @@ def launch_polynomial_step(b: torch.Tensor, x: torch.Tensor, a: float, multiplie
 
 
 def newton_schulz(bank: torch.Tensor, coefficients: list[tuple[float, float, float]],
-                  norm_safety: float = 1.0, eps: float = 1e-7, out_scale: float = 1.0) -> torch.Tensor:
+                  norm_safety: float = 1.0, eps: float = 1e-7, out_scale: float = 1.0,
+                  method: str = "standard") -> torch.Tensor:
     """Orthogonalise every matrix of a bank (K, R, C) like `kernels.ref.newton_schulz`, times out_scale.
 
-    Computes in the bank's dtype (fp32 accumulation); returns a new (K, R, C) tensor, which is
-    a transposed view when R > C (the iteration runs on the wide orientation).
+    "standard" computes in the bank's dtype, "gram" in `gram_dtype` (fp16 for half banks);
+    both accumulate in fp32. Returns a new (K, R, C) tensor in the bank's dtype, which is a
+    transposed view when R > C (the iteration runs on the wide orientation).
     """
     _check_bank(bank, "newton_schulz")
     if not coefficients:
         raise ValueError("newton_schulz: need at least one (a, b, c) step")
+    if method not in NEWTON_SCHULZ_METHODS:
+        raise ValueError(f"newton_schulz: method {method!r}: use one of {', '.join(NEWTON_SCHULZ_METHODS)}")
     tall = bank.shape[1] > bank.shape[2]
     x = bank.mT if tall else bank  # a strided view: the kernels read any layout
     k, r, c = x.shape
     norm = torch.linalg.vector_norm(x, dim=(-2, -1), dtype=torch.float32)
     scale = 1.0 / (norm * norm_safety + eps)  # folded into the first step
+    if method == "gram":
+        x = _gram_newton_schulz(x, coefficients, scale, out_scale)
+        return x.mT if tall else x
     gram = torch.empty((k, r, r), device=x.device, dtype=x.dtype)
     poly = torch.empty_like(gram)
     buffers = [torch.empty((k, r, c), device=x.device, dtype=x.dtype) for _ in range(min(2, len(coefficients)))]
@@ -228,8 +276,28 @@ def newton_schulz(bank: torch.Tensor, coefficients: list[tuple[float, float, flo
     return x.mT if tall else x
 
 
-def newton_schulz_flops(rows: int, cols: int, steps: int, symmetric: bool = False) -> int:
-    """FLOP of `steps` iterations on one matrix: nominal (full products) or with symmetry."""
-    r, c = min(rows, cols), max(rows, cols)
-    per_step = (3 * r * r * c + r**3) if symmetric else (4 * r * r * c + 2 * r**3)
-    return steps * per_step
+def _gram_newton_schulz(x: torch.Tensor, coefficients: list[tuple[float, float, float]], scale: torch.Tensor,
+                        out_scale: float) -> torch.Tensor:
+    """The Gram iteration of `kernels.ref.gram_newton_schulz` on a wide bank view x (K, r, c)."""
+    k, r, c = x.shape
+    dtype = gram_dtype(x.dtype)
+    x0 = torch.empty((k, r, c), device=x.device, dtype=dtype)
+    torch.mul(x, scale.view(k, 1, 1), out=x0)  # X0 = s x computed in fp32, stored once: raw gradients overflow fp16
+    restarts = gram_restarts(len(coefficients))
+    gram = launch_symmetric_product(x0)                                            # R = X0 X0^T
+    q = None
+    for step, (a, b, c3) in enumerate(coefficients):
+        if step in restarts:
+            x0 = launch_polynomial_step(q, x0, 0.0)                                # X = Q X
+            gram, q = launch_symmetric_product(x0), None                           # R = X X^T, Q = I
+        z = launch_symmetric_product(gram, alpha=c3, c=gram, beta=b)               # Z = b R + c R R
+        if q is None:
+            q = z.clone()
+            q.diagonal(dim1=-2, dim2=-1).add_(a)                                   # Q = Z + a I
+        else:
+            q = launch_symmetric_product(q, y=z, c=q, beta=a)                      # Q = Q Z + a Q
+        if step + 1 < len(coefficients) and step + 1 not in restarts:
+            rz = launch_symmetric_product(gram, y=z, c=gram, beta=a)               # RZ = R Z + a R
+            gram = launch_symmetric_product(z, y=rz, c=rz, beta=a)                 # R = Z RZ + a RZ
+    out = torch.empty((k, r, c), device=x.device, dtype=x.dtype)
+    return launch_polynomial_step(q, x0, 0.0, out_scale, out=out)                  # O = Q X

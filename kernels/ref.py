@@ -40,16 +40,45 @@ def unpatchify(patches: torch.Tensor, patch_size: int, height: int, width: int) 
 # ---------------------------------------------------------------- Newton-Schulz (muon.py)
 
 
+NEWTON_SCHULZ_METHODS = ("standard", "gram")
+# Gram iteration: a restart every 3 steps (5 steps: once, after the third). Measured
+# (bench/muon_numerics.py, CPU, torch 2.13; fp16 storage, bf16 banks with singular values
+# log-uniform over 1e-6..1, PRX small shapes / 4, worst of 18 matrices), distance to the exact
+# iteration, Jordan / Polar Express: restart after step 3 0.008 / 0.015, after 2 (the Dao lab's
+# choice for its coefficients) 0.020 / 0.046, after 4 0.012 / 0.068, after 1 0.055 / 0.23,
+# after 2 and 4 0.009 / 0.014 (3 r^2 c more work), never 0.090 / 0.37.
+GRAM_RESTART_EVERY = 3
+
+
+def gram_restarts(steps: int) -> tuple[int, ...]:
+    """Steps before which the Gram iteration restarts (5 steps: (3,))."""
+    return tuple(range(GRAM_RESTART_EVERY, steps, GRAM_RESTART_EVERY))
+
+
+def gram_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Storage of the Gram-space matrices: fp16 for half banks, else the bank's own dtype. bf16's
+    8-bit significand is 6-9x further from the exact iteration (PRX small shapes, CPU:
+    0.041 / 0.070 against 0.0052 / 0.0079, Jordan / Polar Express, bench/muon_numerics.py)."""
+    return torch.float16 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 def newton_schulz(x: torch.Tensor, coefficients: list[tuple[float, float, float]],
-                  norm_safety: float = 1.0, eps: float = 1e-7) -> torch.Tensor:
-    """Approximate the orthogonal polar factor U V^T of x (..., R, C), in x's dtype.
+                  norm_safety: float = 1.0, eps: float = 1e-7, out_scale: float = 1.0,
+                  method: str = "standard") -> torch.Tensor:
+    """Approximate the orthogonal polar factor U V^T of x (..., R, C), times out_scale, in x's dtype.
 
     The plain iteration of Muon (Jordan et al. 2024) and Polar Express (arXiv 2505.16932):
     X0 = x / (||x||_F * norm_safety + eps), on the wide orientation (transposed when R > C, so
     the Gram matrix is the small side); then per step (a, b, c):
     A = X X^T, B = b A + c A A, X <- a X + B X, which maps each singular value s to
     a s + b s^3 + c s^5. Works on one matrix or a batch of same-shape matrices.
+    method="gram" evaluates the same polynomial in Gram space (`gram_newton_schulz`); "standard"
+    iterates on X.
     """
+    if method not in NEWTON_SCHULZ_METHODS:
+        raise ValueError(f"newton_schulz: method {method!r}: use one of {', '.join(NEWTON_SCHULZ_METHODS)}")
+    if method == "gram":
+        return gram_newton_schulz(x, coefficients, norm_safety, eps, out_scale)
     tall = x.shape[-2] > x.shape[-1]
     X = x.mT if tall else x
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True,
@@ -59,7 +88,77 @@ def newton_schulz(x: torch.Tensor, coefficients: list[tuple[float, float, float]
         A = X @ X.mT
         B = b * A + c * (A @ A)
         X = a * X + B @ X
+    if out_scale != 1.0:
+        X = X * out_scale
     return X.mT if tall else X
+
+
+def _product(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, alpha: float = 1.0,
+             c: torch.Tensor | None = None, beta: float = 0.0, symmetric: bool = True) -> torch.Tensor:
+    """alpha x y + beta c accumulated in fp32 (fp64 for fp64), rounded once to dtype: the kernels'
+    tl.dot with its epilogue. `symmetric`: the upper triangle mirrored, as the kernel stores it."""
+    acc = torch.promote_types(dtype, torch.float32)
+    out = torch.matmul(x.to(acc), y.to(acc))
+    if alpha != 1.0:
+        out = out * alpha
+    if c is not None:
+        out = out + beta * c.to(acc)
+    if symmetric:
+        out = out.triu() + out.triu(1).mT
+    return out.to(dtype)
+
+
+def gram_newton_schulz(x: torch.Tensor, coefficients: list[tuple[float, float, float]],
+                       norm_safety: float = 1.0, eps: float = 1e-7, out_scale: float = 1.0,
+                       dtype: torch.dtype | None = None,
+                       restarts: tuple[int, ...] | None = None) -> torch.Tensor:
+    """`newton_schulz`'s polynomial evaluated on the r x r Gram matrix (arXiv 2505.16932, appendix F).
+
+    With X_k = Q_k X0 and R_k = X_k X_k^T (r x r, r <= c), every Q_k and R_k is a polynomial in
+    R_0, so all of them commute and are symmetric. Per step, with Z = b R + c R^2:
+    Q <- Q Z + a Q (the first step of a segment: Q = Z + a I), and, unless the segment ends,
+    RZ = R Z + a R, R <- Z RZ + a RZ (= (aI + Z)^2 R). The result is Q X0. Before each step in
+    `restarts` (default `gram_restarts`) X is rebuilt as Q X, R as X X^T, and Q restarts at I: Q
+    grows like the product of the a's (up to 3.4445^5 = 480 for Jordan), and its rounding error
+    reaches the output multiplied by that, so half-precision Q must not run 5 steps.
+    Products accumulate in fp32 and every matrix is stored in `dtype` (default `gram_dtype`:
+    fp16 for half banks); the result is in x's dtype.
+    """
+    tall = x.shape[-2] > x.shape[-1]
+    X = x.mT if tall else x
+    dtype = dtype or gram_dtype(x.dtype)
+    acc = torch.promote_types(dtype, torch.float32)
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=acc)
+    X = (X.to(acc) / (norm * norm_safety + eps)).to(dtype)
+    eye = torch.eye(X.shape[-2], dtype=acc, device=X.device)
+    R = _product(X, X.mT, dtype)
+    Q = None
+    restarts = gram_restarts(len(coefficients)) if restarts is None else restarts
+    for i, (a, b, c) in enumerate(coefficients):
+        if i and i in restarts:
+            X = _product(Q, X, dtype, symmetric=False)
+            R, Q = _product(X, X.mT, dtype), None
+        Z = _product(R, R, dtype, alpha=c, c=R, beta=b)
+        Q = (Z.to(acc) + a * eye).to(dtype) if Q is None else _product(Q, Z, dtype, c=Q, beta=a)
+        if i + 1 < len(coefficients) and i + 1 not in restarts:
+            RZ = _product(R, Z, dtype, c=R, beta=a)
+            R = _product(Z, RZ, dtype, c=RZ, beta=a)
+    out = _product(Q, X, x.dtype, alpha=out_scale, symmetric=False)
+    return out.mT if tall else out
+
+
+def newton_schulz_flops(rows: int, cols: int, steps: int, symmetric: bool = False,
+                        method: str = "standard") -> int:
+    """FLOP of `steps` iterations on one matrix: nominal (full products) or with symmetry
+    (X X^T and r x r products on the upper triangle: half; Q X and B X: full)."""
+    r, c = min(rows, cols), max(rows, cols)
+    half = 1 if symmetric else 2  # a symmetric product costs half of 2 m n k
+    if method == "gram":
+        restarts = len(gram_restarts(steps))
+        small = 4 * steps - 3 * (restarts + 1)  # r x r products: 4 a step, 3 fewer per segment
+        return (1 + restarts) * (half * r * r * c + 2 * r * r * c) + small * half * r**3
+    per_step = half * r * r * c + 2 * r * r * c + half * r**3
+    return steps * per_step
 
 
 # ---------------------------------------------------------------- patchify + noise, TREAD routing
@@ -228,3 +327,26 @@ def cosine_alignment(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None
     sums, counts = (m * cos).sum(1), m.sum(1)
     per_sample = torch.where(counts > 0, sums / counts.clamp_min(1e-12), torch.zeros_like(sums))
     return sums.sum() / counts.sum().clamp_min(1e-12), per_sample
+
+
+# ---------------------------------------------------------------- Muon momentum and update (muon_update.py)
+
+
+def momentum_to_bank(grads: list[torch.Tensor], buffers: list[torch.Tensor], momentum: float,
+                     nesterov: bool, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """K same-shape matrices: buf <- lerp(buf, g, 1 - momentum) in place; u = lerp(g, buf,
+    momentum) (Nesterov) or buf; returns the bank (K, R, C) of u in `dtype`. Gradients are only read."""
+    torch._foreach_lerp_(list(buffers), list(grads), 1 - momentum)
+    bank = torch.empty((len(grads), *grads[0].shape), dtype=dtype, device=grads[0].device)
+    for k, (g, buf) in enumerate(zip(grads, buffers, strict=True)):
+        bank[k].copy_(torch.lerp(g, buf, momentum) if nesterov else buf)  # one matrix's fp32 at a time
+    return bank
+
+
+def apply_update(params: list[torch.Tensor], updates: list[torch.Tensor], step_size: float,
+                 decay: float = 1.0) -> None:
+    """p <- p * decay - step_size * o for each pair, in place (decay = 1 - lr * weight_decay)."""
+    if decay != 1.0:
+        torch._foreach_mul_(list(params), decay)
+    for p, o in zip(params, updates, strict=True):
+        p.add_(o, alpha=-step_size)

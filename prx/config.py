@@ -122,6 +122,9 @@ class OptimConfig:
     muon_update_scale: float = 0.2  # update = 0.2 * sqrt(max(rows, cols)) * NewtonSchulz(u)
     ns_steps: int = 5  # Newton-Schulz iterations per Muon step
     ns_coefficients: str = "jordan"  # jordan (3.4445, -4.7750, 2.0315) | polar_express (arXiv 2505.16932)
+    # gram by measurement (README, Gram Newton-Schulz; CPU, torch 2.13): 21.5 instead of 34.3 TFLOP
+    # a PRX small step, and 7-15x closer to the exact iteration than the standard bf16 iteration
+    newton_schulz: str = "gram"  # gram (polynomial on X X^T, fp16, restart after step 3) | standard (on X, bf16)
 
 
 @dataclass
@@ -417,7 +420,7 @@ FIELD_RULES: dict[str, Rule] = {
     "optim.weight_decay": number(ge=0), "optim.warmup_steps": integer(ge=0, why="0: no warmup"),
     "optim.grad_clip": number(gt=0, why="0 would zero every gradient"), "optim.muon_momentum": BELOW_ONE,
     "optim.muon_nesterov": FLAG, "optim.muon_update_scale": number(gt=0), "optim.ns_steps": integer(ge=1),
-    "optim.ns_coefficients": one_of("jordan", "polar_express"),
+    "optim.ns_coefficients": one_of("jordan", "polar_express"), "optim.newton_schulz": one_of("gram", "standard"),
     "tread.enabled": FLAG, "tread.probability": BELOW_ONE, "tread.route_start": integer(ge=0),
     "tread.route_end": integer(ge=0), "tread.span": one_of("reference", "penultimate"),
     "tread.self_guidance": number(ge=0, why="0: classifier-free guidance instead"),

@@ -5,18 +5,20 @@ and the checkpoints see a single optimizer:
 
 - "muon": every 2-D weight inside `model.blocks` (qkv, attention out, text kv, MLP gate/up/down,
   modulation). Per step: momentum buf <- lerp(buf, g, 1 - mu); Nesterov u = lerp(g, buf, mu);
-  O = NewtonSchulz(u) (5 steps in bf16 on the wide orientation, after Frobenius
-  normalisation); p <- p (1 - lr wd) - lr * 0.2 sqrt(max(rows, cols)) * O. The 0.2 sqrt(max)
+  O = NewtonSchulz(u) (5 steps on the wide orientation, after Frobenius normalisation; by
+  default evaluated on the Gram matrix u u^T in fp16, `optim.newton_schulz`, kernels/muon.py); p <- p (1 - lr wd) - lr * 0.2 sqrt(max(rows, cols)) * O. The 0.2 sqrt(max)
   factor gives O the RMS of a typical Adam update, so one lr fits both groups.
 - "adam": everything else (embeddings, final layer, norm scales, biases), Adam with decoupled
   weight decay, in foreach ops.
 
 Matrices of one shape form a bank that is orthogonalised in one batched call (PRX small: 112
-matrices in 6 shapes). Under FSDP2 the parameters are row shards; every matrix has an owner
-rank (round robin over all Muon matrices, so 112 matrices spread over up to 112 ranks), the
-shards travel to their owner in one all-to-all per bank, the owner orthogonalises its whole
-matrices, and a second all-to-all sends each rank the rows of its shards. The update is the
-same as on one process. Under DDP (plain tensors) every rank orthogonalises every matrix.
+matrices in 6 shapes), between two fused element-wise passes (kernels/muon_update.py: momentum,
+Nesterov and the cast into the bank; the scaled, decayed update). Under FSDP2 the parameters
+are row shards; every matrix has an owner rank, chosen by Newton-Schulz FLOP so the busiest
+rank carries about the mean (prx/muon_owners.py), the shards travel to their owner in one
+all-to-all per bank, the owner orthogonalises its whole matrices, and a second all-to-all sends
+each rank the rows of its shards. The update is the same as on one process. Under DDP (plain
+tensors) every rank orthogonalises every matrix.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 import kernels
+from prx.muon_owners import assign_owners, describe_plan
 from prx.names import canonical_name
 
 # Jordan's quintic (Muon, 2024): one (a, b, c) for every step; it stops short of convergence
@@ -55,15 +58,16 @@ class NewtonSchulzSchedule:
     coefficients: tuple[tuple[float, float, float], ...]
     norm_safety: float = 1.0
     eps: float = 1e-7
+    method: str = "standard"  # how the polynomial is evaluated: "standard" on X, "gram" on X X^T (kernels/muon.py)
 
     @staticmethod
-    def named(name: str, steps: int) -> "NewtonSchulzSchedule":
+    def named(name: str, steps: int, method: str = "standard") -> "NewtonSchulzSchedule":
         if name == "jordan":
-            return NewtonSchulzSchedule((JORDAN,) * steps)
+            return NewtonSchulzSchedule((JORDAN,) * steps, method=method)
         if name == "polar_express":
             safe = tuple((a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in _POLAR_EXPRESS)
             coefficients = (safe + (_POLAR_LIMIT,) * steps)[:steps]
-            return NewtonSchulzSchedule(coefficients, norm_safety=1.01)
+            return NewtonSchulzSchedule(coefficients, norm_safety=1.01, method=method)
         raise ValueError(f"unknown Newton-Schulz schedule {name!r}: use jordan or polar_express")
 
 
@@ -98,6 +102,7 @@ class MuonAdam(torch.optim.Optimizer):
         self.ns_dtype = ns_dtype
         self.newton_schulz = newton_schulz
         self._banks: dict[int, list[tuple[tuple[int, int], list[int]]]] = {}
+        self._owners: dict[tuple[int, int], dict[int, int]] = {}  # (group, world) -> owner of each matrix
 
     # ------------------------------------------------------------------ step
 
@@ -105,10 +110,9 @@ class MuonAdam(torch.optim.Optimizer):
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("MuonAdam.step takes no closure")
-        owner_offset = 0
         for index, group in enumerate(self.param_groups):
             if group["kind"] == "muon":
-                owner_offset = self._muon_step(index, group, owner_offset)
+                self._muon_step(index, group)
             else:
                 self._adam_step(group)
 
@@ -138,7 +142,7 @@ class MuonAdam(torch.optim.Optimizer):
             torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
         torch._foreach_addcdiv_(params, exp_avgs, denominators, value=-group["lr"] / (1 - beta1**step))
 
-    def _muon_step(self, index: int, group: dict, owner_offset: int) -> int:
+    def _muon_step(self, index: int, group: dict) -> None:
         params = group["params"]
         missing = [i for i, p in enumerate(params) if p.grad is None]
         if missing:
@@ -147,27 +151,50 @@ class MuonAdam(torch.optim.Optimizer):
         for p in params:
             if not self.state[p]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-        grads = [p.grad for p in params]
-        buffers = [self.state[p]["momentum_buffer"] for p in params]
-        mu = group["momentum"]
-        torch._foreach_lerp_(buffers, grads, 1 - mu)
-        updates = buffers
-        if group["nesterov"]:  # u = lerp(g, buf, mu), written over the gradient (the step consumes it)
-            torch._foreach_lerp_(grads, buffers, mu)
-            updates = grads
-        if group["weight_decay"]:
-            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-
-        for shape, members in self._bank_layout(index, params):
+        decay = 1 - group["lr"] * group["weight_decay"]
+        # Per bank, two element-wise passes (kernels/muon_update.py: 24 B an element instead of the
+        # 52 of foreach ops and a stack): momentum, Nesterov and the cast into the bank in one;
+        # p <- p (1 - lr wd) - lr_scaled O in the other. On the local rows under FSDP2.
+        layout = self._bank_layout(index, params)
+        owners = self._owner_plan(index, layout)
+        for shape, members in layout:
             lr_scaled = group["lr"] * group["update_scale"] * math.sqrt(max(shape))
-            local_updates = [_local(updates[i]) for i in members]
-            owners = [(owner_offset + j) for j in range(len(members))]
-            owner_offset += len(members)
-            results = self._orthogonalize_bank(shape, local_updates, owners,
-                                               sharded=isinstance(params[members[0]], DTensor))
-            for i, o in zip(members, results):
-                _local(params[i]).add_(o, alpha=-lr_scaled)
-        return owner_offset
+            local_params = [_local(params[i]) for i in members]
+            bank = kernels.momentum_to_bank([_local(params[i].grad) for i in members],
+                                            [_local(self.state[params[i]]["momentum_buffer"]) for i in members],
+                                            group["momentum"], group["nesterov"], self.ns_dtype)
+            results = self._orthogonalize_packed(shape, bank, [owners[i] for i in members],
+                                                 sharded=isinstance(params[members[0]], DTensor))
+            kernels.apply_update(local_params, results, lr_scaled, decay)
+
+    def _owner_plan(self, index: int, layout) -> dict[int, int]:
+        """Parameter index -> the rank that orthogonalises it under FSDP2, balanced by Newton-Schulz
+        FLOP (prx/muon_owners.py); fixed for the run, the same on every rank."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if (index, world) not in self._owners:
+            members = [i for _, bank in layout for i in bank]
+            shapes = [shape for shape, bank in layout for _ in bank]
+            self._owners[(index, world)] = dict(zip(members, assign_owners(shapes, world, self._matrix_cost)))
+        return self._owners[(index, world)]
+
+    def _matrix_cost(self, rows: int, cols: int) -> int:
+        """Newton-Schulz FLOP of one matrix, as the symmetric kernels execute it with this schedule."""
+        return kernels.ref.newton_schulz_flops(rows, cols, len(self.schedule.coefficients), symmetric=True,
+                                               method=self.schedule.method)
+
+    def describe_owners(self, world: int) -> str:
+        """The owner plan of each Muon group on `world` ranks, for the run log."""
+        return "; ".join(
+            describe_plan([shape for shape, bank in self._bank_layout(i, group["params"]) for _ in bank],
+                          world, self._matrix_cost)
+            for i, group in enumerate(self.param_groups) if group["kind"] == "muon")
+
+    def _orthogonalize_packed(self, shape, bank: torch.Tensor, owners, sharded: bool) -> list[torch.Tensor]:
+        """Newton-Schulz of a packed local bank (K, rows here, C); under FSDP2 its rows travel to the
+        matrices' owners and back."""
+        if not sharded or not dist.is_initialized() or dist.get_world_size() == 1:
+            return list(self._orthogonalize(bank).unbind(0))
+        return self._orthogonalize_sharded(shape, list(bank.unbind(0)), owners)
 
     def _bank_layout(self, index: int, params: list[torch.Tensor]) -> list[tuple[tuple[int, int], list[int]]]:
         """Group members by full (global) shape, in parameter order; fixed for the run."""
@@ -180,13 +207,8 @@ class MuonAdam(torch.optim.Optimizer):
 
     def _orthogonalize(self, bank: torch.Tensor) -> torch.Tensor:
         schedule = self.schedule
-        return self.newton_schulz(bank, list(schedule.coefficients), schedule.norm_safety, schedule.eps)
-
-    def _orthogonalize_bank(self, shape, local_updates, owners, sharded: bool) -> list[torch.Tensor]:
-        if not sharded or not dist.is_initialized() or dist.get_world_size() == 1:
-            bank = torch.stack([u.to(self.ns_dtype) for u in local_updates])
-            return list(self._orthogonalize(bank).unbind(0))
-        return self._orthogonalize_sharded(shape, local_updates, owners)
+        return self.newton_schulz(bank, list(schedule.coefficients), schedule.norm_safety, schedule.eps,
+                                  method=schedule.method)
 
     def _orthogonalize_sharded(self, shape, local_updates, owners) -> list[torch.Tensor]:
         """Row shards -> whole matrices on their owners -> Newton-Schulz -> row shards back."""
@@ -256,5 +278,5 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
              update_scale=o.muon_update_scale, weight_decay=o.weight_decay),
         dict(params=adam, kind="adam", betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay),
     ]
-    schedule = NewtonSchulzSchedule.named(o.ns_coefficients, o.ns_steps)
+    schedule = NewtonSchulzSchedule.named(o.ns_coefficients, o.ns_steps, method=o.newton_schulz)
     return MuonAdam([g for g in groups if g["params"]], o.lr, schedule)

@@ -28,7 +28,7 @@ import kernels  # noqa: E402
 from bench import kernel_resources as resources  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNEL_MODULES = ("cosine", "flow_matching", "lpips_head", "muon", "patchify", "routing")
+KERNEL_MODULES = ("cosine", "flow_matching", "lpips_head", "muon", "muon_update", "patchify", "routing")
 
 
 def compile_for_hopper(jobs: list[dict]) -> dict:
