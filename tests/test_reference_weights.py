@@ -189,3 +189,14 @@ def test_read_weights_file_formats(tmp_path):
         assert set(loaded) == set(sd) and all(torch.equal(loaded[k], sd[k]) for k in sd)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_weights_file(tmp_path / "missing.safetensors")
+
+
+def test_repa_projector_is_left_out_of_the_reference_names():
+    from prx.model.reference_weights import training_only_names
+    from prx.recipe.repa import RepaProjector
+
+    model = PRX(CFG, RepaProjector(CFG.hidden_dim, 8, 8))
+    ref = to_reference_state_dict(model)
+    assert None not in ref
+    assert set(ref) == set(random_reference_state_dict(CFG))  # every denoiser tensor, nothing else
+    assert len(training_only_names(model.state_dict())) == 6  # 3 Linear layers, weight and bias

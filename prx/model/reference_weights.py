@@ -41,7 +41,8 @@ _RENAMES = {
 _PREFIXES = ("module.", "model.", "_orig_mod.", "denoiser.")
 
 
-def _compile(table: dict[str, str]) -> list[tuple[re.Pattern, str]]:
+def compile_renames(table: dict[str, str]) -> list[tuple[re.Pattern, str]]:
+    """{"a.{i}.b": "c.{i}.d"} -> rules that `rename` applies to full names ending in weight, bias or scale."""
     rules = []
     for src, dst in table.items():
         pattern = re.escape(src).replace(re.escape("{i}"), r"(?P<i>\d+)")
@@ -49,11 +50,12 @@ def _compile(table: dict[str, str]) -> list[tuple[re.Pattern, str]]:
     return rules
 
 
-_TO_OURS = _compile(_RENAMES)
-_TO_REFERENCE = _compile({v: k for k, v in _RENAMES.items()})
+_TO_OURS = compile_renames(_RENAMES)
+_TO_REFERENCE = compile_renames({v: k for k, v in _RENAMES.items()})
 
 
-def _rename(name: str, rules) -> str | None:
+def rename(name: str, rules) -> str | None:
+    """`name` renamed by the first rule that matches, the leaf kept; None when none does."""
     for pattern, dst in rules:
         m = pattern.match(name)
         if m:
@@ -79,7 +81,7 @@ def convert_reference_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch
     sd = _strip_prefixes(dict(sd))
     out, unknown = {}, []
     for name, tensor in sd.items():
-        ours = _rename(name, _TO_OURS)
+        ours = rename(name, _TO_OURS)
         if ours is None:
             unknown.append(name)
         else:
@@ -90,9 +92,34 @@ def convert_reference_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
+# Trained beside the denoiser but never used to sample (REPA's projector, docs/recipe.md
+# section 4): exports leave these out on purpose, and `training_only_names` lists what was left.
+TRAINING_ONLY_PREFIXES = ("repa_projector.",)
+
+
+def training_only_names(names) -> list[str]:
+    """The names among `names` that exports leave out: tensors only training uses."""
+    return [name for name in names if name.startswith(TRAINING_ONLY_PREFIXES)]
+
+
 def to_reference_state_dict(model: PRX) -> dict[str, torch.Tensor]:
-    """Our state dict under the reference's names (for exporting back)."""
-    return {_rename(k, _TO_REFERENCE): v for k, v in model.state_dict().items()}
+    """Our state dict under the reference's names (for exporting back), the denoiser only: the
+    REPA projector is training-only and left out (`training_only_names`); any other tensor without
+    a reference name raises."""
+    state = model.state_dict()
+    left_out = set(training_only_names(state))
+    out, unknown = {}, []
+    for name, tensor in state.items():
+        if name in left_out:
+            continue
+        ref = rename(name, _TO_REFERENCE)
+        if ref is None:
+            unknown.append(name)
+        else:
+            out[ref] = tensor
+    if unknown:
+        raise KeyError(f"{len(unknown)} parameter(s) of the model have no reference name, e.g. {unknown[:5]}")
+    return out
 
 
 def load_reference_state_dict(model: PRX, sd: dict[str, torch.Tensor]) -> None:
@@ -102,7 +129,7 @@ def load_reference_state_dict(model: PRX, sd: dict[str, torch.Tensor]) -> None:
     missing = sorted(set(expected) - set(converted))
     if missing:
         raise KeyError(f"reference state dict lacks {len(missing)} parameter(s), e.g. "
-                       f"{[_rename(k, _TO_REFERENCE) for k in missing[:5]]}")
+                       f"{[rename(k, _TO_REFERENCE) for k in missing[:5]]}")
     wrong = [f"{k}: {tuple(converted[k].shape)} vs {tuple(v.shape)}"
              for k, v in expected.items() if converted[k].shape != v.shape]
     if wrong:

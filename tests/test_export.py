@@ -1,0 +1,189 @@
+"""`python -m prx.export` against the real diffusers package: a small random model, saved by the
+trainer's own checkpoint writer (with EMA and a REPA projector), exported, then opened by
+diffusers' PRXTransformer2DModel, FlowMatchEulerDiscreteScheduler and PRXPixelPipeline."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from kernels.ref import patchify, unpatchify
+from prx.config import EmaConfig, EvalConfig, FlowConfig, ModelConfig, RepaConfig, TextConfig, tiny
+from prx.export import cli, export
+from prx.model.denoiser import PRX
+from prx.recipe.ema import EMA
+from prx.recipe.flow import sampling_sigmas
+from prx.recipe.repa import RepaProjector
+from prx.run.checkpoint import CheckpointWriter
+from tests.tiny_text import WIDTH, save_tiny_text_encoder
+
+diffusers = pytest.importorskip("diffusers")  # a dev dependency (pyproject.toml)
+
+# time_embed_dim 64 as in the tiny preset: exported by widening time_in to diffusers' 256
+MODEL = ModelConfig(patch_size=4, bottleneck_dim=16, hidden_dim=48, depth=2, num_heads=3, mlp_ratio=2.5,
+                    text_dim=WIDTH, time_embed_dim=64)
+STEPS, SHIFT = 6, 3.0  # the scheduler then needs num_train_timesteps = 3 * 5 + 1 = 16
+
+
+def run_config(encoder: str, ema: bool = True):
+    base = tiny()
+    return dataclasses.replace(
+        base, preset="tiny", model=MODEL, flow=FlowConfig(timestep_shift=SHIFT),
+        text=TextConfig(encoder=encoder, max_tokens=32, pad_to_multiple=8),
+        data=dataclasses.replace(base.data, resolution=16),
+        eval=EvalConfig(sample_steps=STEPS, guidance=3.0),
+        repa=RepaConfig(enabled=True, projector_dim=8, teacher_dim=8), ema=EmaConfig(enabled=ema))
+
+
+def random_weights(model: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():  # modulations and output non-zero, so the check is not vacuous
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def write_checkpoint(run_dir, cfg):
+    """A checkpoint as train.py writes one: model + REPA projector, optimizer, EMA, meta."""
+    model = PRX(cfg.model, RepaProjector(cfg.model.hidden_dim, 8, 8))
+    random_weights(model, 0)
+    ema = EMA(model) if cfg.ema.enabled else None  # the EMA keeps these weights ...
+    random_weights(model, 1)  # ... the trained ones move on
+    optimizer = torch.optim.AdamW(model.parameters())
+    meta = {"config": cfg.to_dict(), "step": 7, "schedule": {"step": 7}}
+    return CheckpointWriter(run_dir).save(7, model, optimizer, meta, {"torch": torch.get_rng_state()},
+                                          {"ema": ema.state_dict()} if ema else None)
+
+
+def ours(seed: int, cfg) -> PRX:
+    """Our denoiser with the weights of `random_weights(seed)` (0: the EMA's, 1: the trained)."""
+    model = PRX(cfg.model, RepaProjector(cfg.model.hidden_dim, 8, 8))
+    random_weights(model, seed)
+    model.repa_projector = None
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    cfg = run_config(str(save_tiny_text_encoder(root / "text")))
+    checkpoint = write_checkpoint(root / "run", cfg)
+    export(checkpoint, root / "out", copy_text=True)
+    export(checkpoint, root / "trained", ema=False)
+    return cfg, checkpoint, root
+
+
+def test_folder_loads_strictly_and_its_transformer_is_ours(exported):
+    from diffusers import PRXTransformer2DModel
+
+    cfg, _, root = exported
+    for folder, seed in (("out", 0), ("trained", 1)):  # EMA by default, --no-ema the trained weights
+        theirs, info = PRXTransformer2DModel.from_pretrained(root / folder / "transformer", torch_dtype=torch.float64,
+                                                             output_loading_info=True)
+        assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and info["mismatched_keys"] == []
+        model64, model32 = ours(seed, cfg).double(), ours(seed, cfg)
+        g = torch.Generator().manual_seed(2)
+        # t dyadic and in fp32 on both sides: diffusers computes the sinusoid in fp32 always, and
+        # then 1000 t freq rounds alike in both orders of the product
+        t = torch.tensor([0.5, 0.25])
+        txt = torch.randn(2, 5, WIDTH, generator=g, dtype=torch.float64)
+        for H, W in ((8, 12), (12, 8)):  # non-square both ways: rows and columns cannot trade places
+            images = torch.randn(2, 3, H, W, generator=g, dtype=torch.float64)
+            for mask in (torch.tensor([[1, 1, 1, 0, 0], [1] * 5], dtype=torch.bool), None):
+                ref = unpatchify(model64(patchify(images, 4), t, txt, mask, (H // 4, W // 4)).x_hat, 4, H, W)
+                low = unpatchify(model32(patchify(images.float(), 4), t, txt.float(), mask,
+                                               (H // 4, W // 4)).x_hat, 4, H, W).double()
+                got = theirs(images, t, txt, mask).sample
+                # diffusers keeps RoPE, RMSNorm's variance and the sinusoid in fp32 even in an fp64
+                # model: bound its error by our own fp32 rounding error (measured: 2e-7 vs 3e-5)
+                assert ref.abs().mean() > 0.1
+                assert (got - ref).abs().max() <= 2 * (low - ref).abs().max(), (H, W, mask is None)
+
+
+def test_scheduler_sigmas_are_our_samplers(exported):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from prx.model.diffusers_names import scheduler_config
+
+    _, _, root = exported
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "out" / "scheduler")
+    cases = [(scheduler, SHIFT, STEPS)] + [
+        (FlowMatchEulerDiscreteScheduler.from_config(scheduler_config(s, n)), s, n) for s, n in ((3.0, 50), (1.0, 25))]
+    for sched, s, n in cases:
+        sched.set_timesteps(n)
+        torch.testing.assert_close(sched.sigmas, sampling_sigmas(n, s), rtol=0, atol=3e-8)  # fp32 rounding
+    default = FlowMatchEulerDiscreteScheduler(shift=3.0)  # what the issue warns of
+    default.set_timesteps(50)
+    assert (default.sigmas - sampling_sigmas(50, 3.0)).abs().max() > 1e-3
+
+
+def test_pipeline_images_are_our_samplers(exported):
+    from diffusers import PRXPixelPipeline
+
+    from prx.eval.sampling import generate
+    from prx.recipe.flow import guided
+    from prx.rng import per_sample_normal
+    from prx.text import TextTower, pad_text
+
+    cfg, _, root = exported
+    index = json.loads((root / "out" / "model_index.json").read_text())
+    assert index["noise_scale"] == cfg.flow.noise_scale and index["prompt_max_tokens"] == 32
+    pipe = PRXPixelPipeline.from_pretrained(root / "out")  # text encoder copied: nothing else to pass
+    model = ours(0, cfg)
+    tower = TextTower(cfg.text, torch.device("cpu"))
+    captions = ["a red circle on the left", "a blue square"]
+    expected = generate(model, tower, captions, cfg, seed=5)
+    # the same noise, as an image; the prompts' embeddings from our tower, because the pipeline's
+    # own prompt cleaning needs ftfy (not a dependency here)
+    side, p = cfg.data.resolution, cfg.model.patch_size
+    noise = cfg.flow.noise_scale * per_sample_normal(((side // p) ** 2, cfg.model.patch_dim), 5, 0, [0, 1],
+                                                     torch.device("cpu"))
+    latents = unpatchify(noise, p, side, side)
+    got = []
+    # one prompt a call: with guidance, diffusers 0.42.1's PRX pipelines pass one timestep per
+    # guidance half (repeat(2)), which fails for a batch of more than one prompt
+    for i, seq in enumerate(tower.encode(captions)):
+        text, mask = pad_text([seq], 8)
+        empty, empty_mask = pad_text([tower.empty()], 8)
+        got.append(pipe(prompt_embeds=text, prompt_attention_mask=mask, negative_prompt_embeds=empty,
+                        negative_prompt_attention_mask=empty_mask, latents=latents[i:i + 1],
+                        num_inference_steps=STEPS, guidance_scale=cfg.eval.guidance, height=side, width=side,
+                        use_resolution_binning=False, output_type="pt").images)
+    got = torch.cat(got)
+    # our sampler's own fp32 rounding: the same sampling with the model, text and noise in fp64
+    seqs = tower.encode(captions)
+    text, mask = pad_text([s.double() for s in seqs] + [tower.empty().double()] * 2, 8)
+    model64 = ours(0, cfg).double()
+    grid = (side // p, side // p)
+
+    def denoise(x, sigma):
+        cond, uncond = model64(torch.cat([x, x]), torch.cat([sigma, sigma]), text, mask, grid).x_hat.chunk(2)
+        return guided(cond, uncond, cfg.eval.guidance)
+
+    sigmas64 = sampling_sigmas(STEPS, SHIFT).double()
+    x = noise.double()
+    for i in range(STEPS):  # euler_sample's steps, in fp64 throughout
+        x = x - (sigmas64[i] - sigmas64[i + 1]) * (x - denoise(x, sigmas64[i].expand(2))) / sigmas64[i].clamp_min(0.05)
+    exact = unpatchify(x, p, side, side).clamp(-1, 1)
+    ours_error = (expected.double() - exact).abs().max()
+    assert expected.abs().mean() > 0.1 and 0 < ours_error < 1e-3
+    # within fp32 rounding: the pipeline's error is at most twice our own sampler's
+    assert (got.clamp(-1, 1).double() - exact).abs().max() <= 2 * ours_error, ours_error
+
+
+def test_user_mistakes_are_one_line(exported, tmp_path, capsys):
+    cfg, checkpoint, root = exported
+    no_ema = write_checkpoint(tmp_path / "run", dataclasses.replace(cfg, ema=EmaConfig(enabled=False)))
+    (tmp_path / "file").write_text("x")
+    cases = [
+        (["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "a")], "no such directory"),
+        (["--checkpoint", str(checkpoint), "--out", str(tmp_path / "file")], "is a file"),
+        (["--checkpoint", str(no_ema), "--out", str(tmp_path / "b")], "no EMA weights"),
+    ]
+    for argv, message in cases:
+        assert cli(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert cli(["--checkpoint", str(no_ema), "--out", str(tmp_path / "b"), "--no-ema"]) == 0
+    card = (tmp_path / "b" / "README.md").read_text()
+    assert "preset: `tiny`, step 7" in card and "from_pretrained(DIR, text_encoder=" in card
