@@ -47,6 +47,7 @@ from prx.run import checkpoint as ckpt
 from prx.run.batch_plan import BatchPlan, OutOfMemory
 from prx.run.distributed import DistInfo, init_distributed, shutdown
 from prx.run.guard import BadStepGuard, TooManyBadSteps
+from prx.run.init_weights import load_initial_weights
 from prx.run.parallel import parallelize, set_gradient_sync
 from prx.run.run_dir import check_same_run, check_writable, resume_point, settle_metrics
 from prx.run.runlog import RunLog
@@ -152,6 +153,8 @@ def train(cfg: Config, args: argparse.Namespace, dist: DistInfo, plan: BatchPlan
                  if cfg.repa.enabled else None)  # REPA's, trained with (and inside) the denoiser
     model = PRX(cfg.model, projector).to(device)  # fp32 weights; bf16 compute
     log.print(f"PRX denoiser: {count_parameters(model):,} parameters")
+    if cfg.train.init_from:  # pretrained weights for step 0; a mismatch stops here, before any step
+        log.print(load_initial_weights(cfg.train.init_from, model, log.print))
     tower = TextTower(cfg.text, device)
     if tower.hidden_size != cfg.model.text_dim:
         raise ConfigError(f"text encoder {cfg.text.encoder} is {tower.hidden_size} wide but "

@@ -197,6 +197,7 @@ class TrainConfig:
     async_checkpoint: bool = False  # write checkpoints in a background thread
     max_bad_steps: int = 5  # consecutive steps with a NaN/inf loss or gradient before aborting
     kernels: str = "auto"  # auto (Triton kernels on GPU tensors, PyTorch elsewhere) | reference (PyTorch only)
+    init_from: str = ""  # start from these weights: a checkpoint dir (its trained weights), a diffusers folder or a .safetensors file
 
 
 @dataclass
@@ -399,6 +400,10 @@ def from_dict(data: dict) -> Config:
 
 
 MAX_SEED = 2**64 - 1  # torch.manual_seed takes at most 64 bits
+# What --init-from reads is checked by prx.run.init_weights; here only that it is there, so a
+# typo stops at once rather than after the text tower loaded.
+INIT_WEIGHTS = Rule("empty, or a checkpoint directory, diffusers folder or .safetensors file that exists",
+                    lambda v: isinstance(v, str) and (not v or Path(v).exists()))
 
 FIELD_RULES: dict[str, Rule] = {
     "preset": NAME,
@@ -439,7 +444,7 @@ FIELD_RULES: dict[str, Rule] = {
     "train.checkpoint_every": integer(ge=0, why="0: only at the end"),
     "train.keep_checkpoints": integer(ge=0, why="0: all"), "train.async_checkpoint": FLAG,
     "train.max_bad_steps": integer(ge=1, why="0 reads as never, yet would stop like 1"),
-    "train.kernels": one_of("auto", "reference"),
+    "train.kernels": one_of("auto", "reference"), "train.init_from": INIT_WEIGHTS,
     "parallel.data_parallel": one_of("fsdp", "ddp"),
     "parallel.activation_checkpointing": one_of("none", "full", "selective"),
     "parallel.checkpoint_every_n_blocks": integer(ge=1), "parallel.compile": FLAG,
@@ -576,6 +581,9 @@ _FLAG_FIELDS = {
     "seed": ("train.seed", int, "train.seed"),
     "run_dir": ("train.run_dir", str, "train.run_dir"),
     "device": ("train.device", str, "train.device: auto, cpu or cuda"),
+    "init_from": ("train.init_from", str, ("train.init_from: start at step 0 from these weights (fresh optimizer "
+                  "and data order): a checkpoint dir RUN/checkpoints/step_N (its trained weights, not the EMA), "
+                  "a diffusers folder from prx.export, or a .safetensors file in our, reference or diffusers names")),
 }
 
 
@@ -627,4 +635,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         first[path] = (value, origin) if both_sets or path not in first else first[path]
     for flag in (*_FLAG_FIELDS, "data"):  # one value per flag, as argparse gives without "append"
         setattr(args, flag, (getattr(args, flag) or [None])[-1])
+    if args.resume and cfg.train.init_from:  # a resume restores its own weights; which would win is unclear
+        raise ConfigError(f"--resume {args.resume} and train.init_from={cfg.train.init_from!r} both say where the "
+                          "weights come from; give --resume to continue a run, or --init-from to start a new one")
     return validate(cfg), args

@@ -25,8 +25,9 @@ from prx.model.reference_weights import compile_renames, rename, training_only_n
 DIFFUSERS_VERSION = "0.42.1"  # the version the export is tested against (tests/test_export.py)
 DIFFUSERS_TIME_DIM = 256  # diffusers' PRXTransformer2DModel: MLPEmbedder(in_dim=256)
 
-# ours -> diffusers; "{i}" stands for a block index. Our RMSNorm `scale` leaves become `weight`.
-_RENAMES = {
+# ours -> diffusers (prx.run.init_weights reads it backwards); "{i}" stands for a block index. Our
+# RMSNorm `scale` leaves become `weight`.
+DIFFUSERS_RENAMES = {
     "img_in.down": "img_in.0",
     "img_in.up": "img_in.1",
     "time_in.fc1": "time_in.in_layer",
@@ -45,7 +46,7 @@ _RENAMES = {
     "final.linear": "final_layer.linear",
     "final.modulation": "final_layer.adaLN_modulation.1",
 }
-_TO_DIFFUSERS = compile_renames(_RENAMES)
+_TO_DIFFUSERS = compile_renames(DIFFUSERS_RENAMES)
 
 
 def export_problem(cfg: ModelConfig) -> str | None:
