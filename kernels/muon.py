@@ -11,9 +11,9 @@ off-diagonal tile twice (as itself and mirrored): 3 r^2 c + r^3 FLOP per step in
 fewer FLOP than the full grid; the 48 TFLOP of nominal work per optimizer step (docs/recipe.md
 section 9) becomes 34 TFLOP.
 
-The Gram iteration (method="gram", the trainer's default; Polar Express, arXiv 2505.16932, appendix F;
-the Dao AI Lab's Gram Newton-Schulz write-up) runs
-the same polynomial on r x r matrices. Each X_k is Q_k X0, and Q_k and R_k = X_k X_k^T are
+The Gram iteration (method="gram", the trainer's default; Polar Express, arXiv 2505.16932,
+appendix F; the Dao AI Lab's Gram Newton-Schulz write-up) runs the same polynomial on r x r
+matrices. Each X_k is Q_k X0, and Q_k and R_k = X_k X_k^T are
 polynomials in R0 = X0 X0^T: they commute, so the product of any two is symmetric and the same
 upper-triangle kernel computes it (`launch_symmetric_product` with a second operand Y). A step:
     Z = b R + c3 R R        r^3
@@ -25,8 +25,8 @@ that is 4 L - 3 products for a segment of L steps, with R0 (r^2 c) before and O 
 3 r^2 c) keeps the rounding of Q, which grows like the product of the a's (3.4445^5 = 480),
 from reaching the output multiplied by all of it. Five steps: 6 r^2 c + 14 r^3 FLOP against
 15 r^2 c + 5 r^3 for the standard iteration with the same symmetric products: equal for a square
-matrix, 26 % less at c = 2 r, 47 % less at c = 6 r. PRX small: 21.5 TFLOP a step instead of 34.3 (as full products
-34.6 instead of 47.9; without the restart 17.2, but 3-15x further from the exact iteration in
+matrix, 26 % less at c = 2 r, 47 % less at c = 6 r. PRX small: 21.5 TFLOP a step instead of
+34.3 (as full products 34.6 instead of 47.9; without the restart 17.2, but 3-15x further from the exact iteration in
 fp16, bench/muon_numerics.py). Precision: the Gram-space matrices and the restarted X are
 stored in fp16 for half banks (bf16 there is 6-9x further from the exact iteration; fp16's range
 holds them: entries of R at most 1, of Q at most the product of 3 a's, 130), in the bank's

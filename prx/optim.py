@@ -6,8 +6,9 @@ and the checkpoints see a single optimizer:
 - "muon": every 2-D weight inside `model.blocks` (qkv, attention out, text kv, MLP gate/up/down,
   modulation). Per step: momentum buf <- lerp(buf, g, 1 - mu); Nesterov u = lerp(g, buf, mu);
   O = NewtonSchulz(u) (5 steps on the wide orientation, after Frobenius normalisation; by
-  default evaluated on the Gram matrix u u^T in fp16, `optim.newton_schulz`, kernels/muon.py); p <- p (1 - lr wd) - lr * 0.2 sqrt(max(rows, cols)) * O. The 0.2 sqrt(max)
-  factor gives O the RMS of a typical Adam update, so one lr fits both groups.
+  default evaluated on the Gram matrix u u^T in fp16, `optim.newton_schulz`, kernels/muon.py);
+  p <- p (1 - lr wd) - lr * 0.2 sqrt(max(rows, cols)) * O. The 0.2 sqrt(max) factor gives O
+  the RMS of a typical Adam update, so one lr fits both groups.
 - "adam": everything else (embeddings, final layer, norm scales, biases), Adam with decoupled
   weight decay, in foreach ops.
 

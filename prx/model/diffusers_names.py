@@ -20,7 +20,7 @@ import torch
 
 from prx.config import ModelConfig
 from prx.model.denoiser import PRX
-from prx.model.reference_weights import compile_renames, rename, training_only_names
+from prx.model.reference_weights import compile_renames, rename, rename_state, training_only_names
 
 DIFFUSERS_VERSION = "0.42.1"  # the version the export is tested against (tests/test_export.py)
 DIFFUSERS_TIME_DIM = 256  # diffusers' PRXTransformer2DModel: MLPEmbedder(in_dim=256)
@@ -100,22 +100,17 @@ def to_diffusers_state_dict(model: PRX) -> dict[str, torch.Tensor]:
     if problem := export_problem(model.cfg):
         raise ValueError(problem)
     state = model.state_dict()
-    left_out = set(training_only_names(state))
-    out, unknown = {}, []
-    for name, tensor in state.items():
-        if name in left_out:
-            continue
-        theirs = rename(name, _TO_DIFFUSERS)
-        if theirs is None:
-            unknown.append(name)
-            continue
-        if name == "time_in.fc1.weight":
+    renamed, unknown = rename_state(state, _TO_DIFFUSERS, skip=set(training_only_names(state)))
+    if unknown:
+        raise KeyError(f"{len(unknown)} parameter(s) of the model have no diffusers name, e.g. {unknown[:5]}")
+    time_weight = rename("time_in.fc1.weight", _TO_DIFFUSERS)
+    out = {}
+    for theirs, tensor in renamed.items():
+        if theirs == time_weight:
             tensor = widen_time_weight(tensor)
         if theirs.endswith(".scale"):  # our RMSNorm scales; diffusers' RMSNorm calls it weight
             theirs = theirs.removesuffix(".scale") + ".weight"
         out[theirs] = tensor.detach().cpu().contiguous()
-    if unknown:
-        raise KeyError(f"{len(unknown)} parameter(s) of the model have no diffusers name, e.g. {unknown[:5]}")
     return out
 
 

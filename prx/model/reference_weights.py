@@ -65,6 +65,21 @@ def rename(name: str, rules) -> str | None:
     return None
 
 
+def rename_state(state: dict[str, torch.Tensor], rules, skip=()) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(the tensors of `state` under their names by `rules`, the names no rule matches); names in
+    `skip` are left out. Callers raise their own message for the unmatched."""
+    out, unknown = {}, []
+    for name, tensor in state.items():
+        if name in skip:
+            continue
+        new = rename(name, rules)
+        if new is None:
+            unknown.append(name)
+        else:
+            out[new] = tensor
+    return out, unknown
+
+
 def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     changed = True
     while changed:
@@ -78,14 +93,7 @@ def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def convert_reference_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Reference names -> our names; unknown names raise, listing a few of them."""
-    sd = _strip_prefixes(dict(sd))
-    out, unknown = {}, []
-    for name, tensor in sd.items():
-        ours = rename(name, _TO_OURS)
-        if ours is None:
-            unknown.append(name)
-        else:
-            out[ours] = tensor
+    out, unknown = rename_state(_strip_prefixes(dict(sd)), _TO_OURS)
     if unknown:
         raise KeyError(f"{len(unknown)} parameter(s) of the reference state dict have no "
                        f"counterpart here, e.g. {unknown[:5]}")
@@ -107,16 +115,7 @@ def to_reference_state_dict(model: PRX) -> dict[str, torch.Tensor]:
     REPA projector is training-only and left out (`training_only_names`); any other tensor without
     a reference name raises."""
     state = model.state_dict()
-    left_out = set(training_only_names(state))
-    out, unknown = {}, []
-    for name, tensor in state.items():
-        if name in left_out:
-            continue
-        ref = rename(name, _TO_REFERENCE)
-        if ref is None:
-            unknown.append(name)
-        else:
-            out[ref] = tensor
+    out, unknown = rename_state(state, _TO_REFERENCE, skip=set(training_only_names(state)))
     if unknown:
         raise KeyError(f"{len(unknown)} parameter(s) of the model have no reference name, e.g. {unknown[:5]}")
     return out

@@ -27,7 +27,7 @@ from prx.model.denoiser import PRX
 from prx.model.reference_weights import (
     compile_renames,
     convert_reference_state_dict,
-    rename,
+    rename_state,
     training_only_names,
 )
 from prx.run.checkpoint import CheckpointError, load_model_weights, read_meta
@@ -214,20 +214,17 @@ def detect_names(state: dict) -> str:
 def from_diffusers_names(state: dict[str, torch.Tensor], cfg: ModelConfig, what: str) -> dict[str, torch.Tensor]:
     """diffusers' names -> ours, the inverse of the export: RMSNorm `weight` back to `scale`, and
     time_in's 256-wide sinusoid columns narrowed to model.time_embed_dim (diffusers_names.widen_time_weight)."""
-    out, unknown = {}, []
-    for name, tensor in state.items():
-        ours = rename(name, _FROM_DIFFUSERS)
-        if ours is None:
-            unknown.append(name)
-            continue
+    renamed, unknown = rename_state(state, _FROM_DIFFUSERS)
+    if unknown:
+        raise CheckpointError(f"{unknown[0]}: in {what} but has no counterpart in our model "
+                              f"({len(unknown)} such tensor(s))")
+    out = {}
+    for ours, tensor in renamed.items():
         if re.search(r"_norm\.weight$", ours):  # diffusers' RMSNorm weight is our scale
             ours = ours.removesuffix(".weight") + ".scale"
         if ours == "time_in.fc1.weight":
             tensor = _narrow_time_weight(tensor, cfg.time_embed_dim, what)
         out[ours] = tensor
-    if unknown:
-        raise CheckpointError(f"{unknown[0]}: in {what} but has no counterpart in our model "
-                              f"({len(unknown)} such tensor(s))")
     return out
 
 
