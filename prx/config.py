@@ -52,6 +52,7 @@ class ModelConfig:
     text_dim: int = 2304  # width of the frozen text encoder's output (T5Gemma-2B encoder)
     time_embed_dim: int = 256  # sinusoidal timestep embedding width
     rope_theta: float = 10000.0  # 2-D RoPE base period
+    resolution_embeds: bool = False  # add an embedding of the image size (px) to the timestep's (PRX-7B pixel)
     attention: str = "auto"  # auto | flash | sdpa | math
     fused_ops: str = "torch"  # torch | liger (Liger-Kernel's GeGLU, RMSNorm, LayerNorm; CUDA only)
 
@@ -411,6 +412,7 @@ FIELD_RULES: dict[str, Rule] = {
     "model.depth": integer(ge=1), "model.num_heads": integer(ge=1), "model.mlp_ratio": number(gt=0),
     "model.text_dim": integer(ge=1), "model.time_embed_dim": integer(ge=2, even=True, why="sin and cos halves"),
     "model.rope_theta": number(gt=1, why="the frequencies theta^(-2k/d) must fall with k"),
+    "model.resolution_embeds": FLAG,
     "model.attention": one_of("auto", "flash", "sdpa", "math"), "model.fused_ops": one_of("torch", "liger"),
     "flow.timestep_shift": number(gt=0), "flow.uniform_fraction": number(ge=0, le=1),
     "flow.t_min": number(gt=0, lt=1), "flow.noise_scale": number(gt=0),

@@ -26,10 +26,11 @@ MODEL = ModelConfig(patch_size=4, bottleneck_dim=16, hidden_dim=48, depth=2, num
 STEPS, SHIFT = 6, 3.0  # the scheduler then needs num_train_timesteps = 3 * 5 + 1 = 16
 
 
-def run_config(encoder: str, ema: bool = True):
+def run_config(encoder: str, ema: bool = True, resolution_embeds: bool = False):
     base = tiny()
     return dataclasses.replace(
-        base, preset="tiny", model=MODEL, flow=FlowConfig(timestep_shift=SHIFT),
+        base, preset="tiny", model=dataclasses.replace(MODEL, resolution_embeds=resolution_embeds),
+        flow=FlowConfig(timestep_shift=SHIFT),
         text=TextConfig(encoder=encoder, max_tokens=32, pad_to_multiple=8),
         data=dataclasses.replace(base.data, resolution=16),
         eval=EvalConfig(sample_steps=STEPS, guidance=3.0),
@@ -43,12 +44,17 @@ def random_weights(model: torch.nn.Module, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
-def write_checkpoint(run_dir, cfg):
-    """A checkpoint as train.py writes one: model + REPA projector, optimizer, EMA, meta."""
-    model = PRX(cfg.model, RepaProjector(cfg.model.hidden_dim, 8, 8))
-    random_weights(model, 0)
+def write_checkpoint(run_dir, cfg, model: PRX | None = None):
+    """A checkpoint as train.py writes one: model + REPA projector, optimizer, EMA, meta. Without
+    `model`, random weights: the EMA's `random_weights(0)`, the trained ones `random_weights(1)`;
+    with it, both are its weights."""
+    given = model is not None
+    if not given:
+        model = PRX(cfg.model, RepaProjector(cfg.model.hidden_dim, 8, 8))
+        random_weights(model, 0)
     ema = EMA(model) if cfg.ema.enabled else None  # the EMA keeps these weights ...
-    random_weights(model, 1)  # ... the trained ones move on
+    if not given:
+        random_weights(model, 1)  # ... the trained ones move on
     optimizer = torch.optim.AdamW(model.parameters())
     meta = {"config": cfg.to_dict(), "step": 7, "schedule": {"step": 7}}
     return CheckpointWriter(run_dir).save(7, model, optimizer, meta, {"torch": torch.get_rng_state()},
@@ -63,14 +69,38 @@ def ours(seed: int, cfg) -> PRX:
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+# without and with resolution-aware conditioning (model.resolution_embeds, diffusers' resolution_embeds)
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "resolution_embeds"])
+def exported(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
-    cfg = run_config(str(save_tiny_text_encoder(root / "text")))
+    cfg = run_config(str(save_tiny_text_encoder(root / "text")), resolution_embeds=request.param)
     checkpoint = write_checkpoint(root / "run", cfg)
     export(checkpoint, root / "out", copy_text=True)
     export(checkpoint, root / "trained", ema=False)
     return cfg, checkpoint, root
+
+
+def assert_same_function(theirs, model64: PRX, model32: PRX) -> None:
+    """diffusers' transformer `theirs` (fp64) computes our denoiser's function: on non-square images
+    both ways (rows and columns cannot trade places), with and without text padding, to within our
+    own fp32 rounding error (model32: the same weights in fp32)."""
+    g = torch.Generator().manual_seed(2)
+    p = model64.cfg.patch_size
+    # t dyadic and in fp32 on both sides: diffusers computes the sinusoid in fp32 always, and
+    # then 1000 t freq rounds alike in both orders of the product
+    t = torch.tensor([0.5, 0.25])
+    txt = torch.randn(2, 5, model64.cfg.text_dim, generator=g, dtype=torch.float64)
+    for H, W in ((2 * p, 3 * p), (3 * p, 2 * p)):
+        images = torch.randn(2, 3, H, W, generator=g, dtype=torch.float64)
+        for mask in (torch.tensor([[1, 1, 1, 0, 0], [1] * 5], dtype=torch.bool), None):
+            grid = (H // p, W // p)
+            ref = unpatchify(model64(patchify(images, p), t, txt, mask, grid).x_hat, p, H, W)
+            low = unpatchify(model32(patchify(images.float(), p), t, txt.float(), mask, grid).x_hat, p, H, W)
+            got = theirs(images, t, txt, mask).sample
+            # diffusers keeps RoPE, RMSNorm's variance and the sinusoid in fp32 even in an fp64
+            # model: bound its error by our own fp32 rounding error (measured: 2e-7 vs 3e-5)
+            assert ref.abs().mean() > 0.1
+            assert (got - ref).abs().max() <= 2 * (low.double() - ref).abs().max(), (H, W, mask is None)
 
 
 def test_folder_loads_strictly_and_its_transformer_is_ours(exported):
@@ -81,23 +111,8 @@ def test_folder_loads_strictly_and_its_transformer_is_ours(exported):
         theirs, info = PRXTransformer2DModel.from_pretrained(root / folder / "transformer", torch_dtype=torch.float64,
                                                              output_loading_info=True)
         assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and info["mismatched_keys"] == []
-        model64, model32 = ours(seed, cfg).double(), ours(seed, cfg)
-        g = torch.Generator().manual_seed(2)
-        # t dyadic and in fp32 on both sides: diffusers computes the sinusoid in fp32 always, and
-        # then 1000 t freq rounds alike in both orders of the product
-        t = torch.tensor([0.5, 0.25])
-        txt = torch.randn(2, 5, WIDTH, generator=g, dtype=torch.float64)
-        for H, W in ((8, 12), (12, 8)):  # non-square both ways: rows and columns cannot trade places
-            images = torch.randn(2, 3, H, W, generator=g, dtype=torch.float64)
-            for mask in (torch.tensor([[1, 1, 1, 0, 0], [1] * 5], dtype=torch.bool), None):
-                ref = unpatchify(model64(patchify(images, 4), t, txt, mask, (H // 4, W // 4)).x_hat, 4, H, W)
-                low = unpatchify(model32(patchify(images.float(), 4), t, txt.float(), mask,
-                                               (H // 4, W // 4)).x_hat, 4, H, W).double()
-                got = theirs(images, t, txt, mask).sample
-                # diffusers keeps RoPE, RMSNorm's variance and the sinusoid in fp32 even in an fp64
-                # model: bound its error by our own fp32 rounding error (measured: 2e-7 vs 3e-5)
-                assert ref.abs().mean() > 0.1
-                assert (got - ref).abs().max() <= 2 * (low - ref).abs().max(), (H, W, mask is None)
+        assert (theirs.resolution_embedder is not None) == cfg.model.resolution_embeds
+        assert_same_function(theirs, ours(seed, cfg).double(), ours(seed, cfg))
 
 
 def test_scheduler_sigmas_are_our_samplers(exported):

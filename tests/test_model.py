@@ -22,7 +22,8 @@ def expected_parameters(c: ModelConfig) -> int:
     text = c.text_dim * h + h
     block = 3 * h * h + h * h + 2 * h * h + 3 * d + 3 * h * m + (h * 6 * h + 6 * h)
     final = (h * 2 * h + 2 * h) + (h * p + p)
-    return embed + time + text + c.depth * block + final
+    resolution = (256 * h + h) + (h * h + h) if c.resolution_embeds else 0  # 128 + 128 sinusoid -> h -> h
+    return embed + time + text + c.depth * block + final + resolution
 
 
 @pytest.mark.parametrize("make", [prx_small_512, prx_small_1024])
@@ -34,7 +35,8 @@ def test_prx_small_has_the_published_parameter_count(make):
 
 
 def test_other_sizes_match_the_formula():
-    for cfg in (tiny().model, SMALL, dataclasses.replace(SMALL, depth=3, mlp_ratio=2.0)):
+    for cfg in (tiny().model, SMALL, dataclasses.replace(SMALL, depth=3, mlp_ratio=2.0),
+                dataclasses.replace(SMALL, resolution_embeds=True)):
         with torch.device("meta"):
             assert count_parameters(PRX(cfg)) == expected_parameters(cfg)
 
@@ -138,12 +140,29 @@ def test_key_padding_is_built_once_as_a_broadcast_mask():
     assert KeyPadding.build(None, 10, "sdpa").sdpa_mask is None
 
 
-def test_gradients_reach_every_parameter():
-    model = randomize(PRX(SMALL))
+@pytest.mark.parametrize("resolution_embeds", [False, True])
+def test_gradients_reach_every_parameter(resolution_embeds):
+    model = randomize(PRX(dataclasses.replace(SMALL, resolution_embeds=resolution_embeds)))
     x, t, text = inputs(SMALL)
     model(x, t, text, None, (3, 5)).x_hat.square().mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
+
+
+def test_resolution_embeds_tell_the_blocks_the_image_size():
+    """The conditioning vector: the timestep's alone without the option; with it, plus an MLP of
+    sinusoids of the size in pixels, rows first (as diffusers' PRXResolutionEmbedder)."""
+    from prx.model.denoiser import sinusoid
+
+    _, t, _ = inputs(SMALL)
+    plain = randomize(PRX(SMALL))
+    for grid in ((3, 5), (5, 3)):
+        torch.testing.assert_close(plain.conditioning(t, grid), plain.time_in(t), rtol=0, atol=0)
+    model = randomize(PRX(dataclasses.replace(SMALL, resolution_embeds=True)))
+    wave = torch.cat([sinusoid(torch.tensor([12.0]), 128), sinusoid(torch.tensor([20.0]), 128)], dim=-1)
+    expected = model.resolution_in.fc2(torch.nn.functional.silu(model.resolution_in.fc1(wave)))
+    torch.testing.assert_close(model.conditioning(t, (3, 5)), model.time_in(t) + expected)  # patch 4: 12 x 20 px
+    assert (model.conditioning(t, (3, 5)) - model.conditioning(t, (5, 3))).abs().max() > 1e-3
 
 
 def test_flop_count_matches_the_recipe():

@@ -166,6 +166,21 @@ def test_round_trip_and_prefixes():
         assert torch.equal(a, b), k
 
 
+def test_resolution_embeds_keep_the_reference_names():
+    """The PRX-7B pixel option: the reference and diffusers both call it resolution_embedder.mlp
+    (diffusers' conversion script carries those names over unchanged)."""
+    model = PRX(dataclasses.replace(CFG, resolution_embeds=True))
+    for p in model.parameters():
+        torch.nn.init.normal_(p)
+    ref = to_reference_state_dict(model)
+    assert {k for k in ref if k.startswith("resolution")} == {
+        f"resolution_embedder.mlp.{layer}.{leaf}" for layer in ("in_layer", "out_layer") for leaf in ("weight", "bias")}
+    other = PRX(model.cfg)
+    load_reference_state_dict(other, ref)
+    for (k, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
 def test_bad_state_dicts_fail_clearly():
     model = PRX(CFG)
     sd = random_reference_state_dict(CFG)

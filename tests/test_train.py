@@ -110,6 +110,23 @@ def test_out_of_memory_names_the_settings_that_lower_it(tmp_path):
     assert "--set parallel.activation_checkpointing=full" in message
 
 
+def test_resolution_embeds_are_trained(tmp_path):
+    """model.resolution_embeds: its MLP gets gradients and the optimizer moves it. Like time_in, not
+    before step 3 (adaLN-Zero): step 1 moves only the zero-initialised output projection, step 2
+    then the modulations, and only once those are non-zero does a gradient reach the conditioning vector."""
+    run = tmp_path / "run"
+    train.main(SMALL + ["--run-dir", str(run), "--steps", "3", "--set", "model.resolution_embeds=true",
+                        "--set", "train.checkpoint_every=1"])
+    states = []
+    for step in (2, 3):
+        checkpoint = run / "checkpoints" / f"step_{step:08d}"
+        model = PRX(from_dict(read_meta(checkpoint)["config"]).model)
+        load_model_weights(checkpoint, model, ema=False)
+        states.append(model.state_dict())
+    moved = {k for k in states[0] if k.startswith("resolution_in.") and not torch.equal(states[0][k], states[1][k])}
+    assert moved == {f"resolution_in.{layer}.{leaf}" for layer in ("fc1", "fc2") for leaf in ("weight", "bias")}
+
+
 def test_resume_with_another_model_is_refused(tmp_path):
     run = tmp_path / "run"
     train.main(SMALL + ["--run-dir", str(run), "--steps", "1"])

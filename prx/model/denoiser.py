@@ -32,15 +32,21 @@ from prx.model.attention import (
 from prx.model.tread import TokenRoute
 
 NORM_EPS = 1e-6
+RESOLUTION_SINUSOID_DIM = 256  # 128 for the height, 128 for the width (diffusers' PRXResolutionEmbedder)
 
 
-def timestep_sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of 1000 * t in [cos, sin] order, (B,) -> (B, dim), at least fp32."""
+def sinusoid(x: torch.Tensor, dim: int, scale: float = 1.0, max_period: float = 10000.0) -> torch.Tensor:
+    """[cos, sin] of scale * x at dim / 2 geometric frequencies, (B,) -> (B, dim), at least fp32."""
     half = dim // 2
-    dtype = at_least_fp32(t.dtype)
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
-    args = 1000.0 * t.to(dtype)[:, None] * freqs[None]
+    dtype = at_least_fp32(x.dtype)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=dtype) / half)
+    args = scale * x.to(dtype)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def timestep_sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The timestep's sinusoid: of 1000 t, so that t in [0, 1] spans the frequencies as steps 0..1000 do."""
+    return sinusoid(t, dim, scale=1000.0)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -92,6 +98,24 @@ class TimestepEmbedding(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         sinusoid = timestep_sinusoid(t, self.sinusoid_dim).to(self.fc1.weight.dtype)
         return self.fc2(F.silu(self.fc1(sinusoid)))
+
+
+class ResolutionEmbedding(nn.Module):
+    """Resolution-aware conditioning (model.resolution_embeds; the "vec" mode of PRX-7B, as diffusers'
+    PRXResolutionEmbedder): sinusoids of the image height and width in pixels, 128 wide each, through
+    a 2-layer MLP, added to the timestep embedding, so every modulation knows the size it draws at."""
+
+    def __init__(self, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(RESOLUTION_SINUSOID_DIM, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, hidden_dim)
+
+    def forward(self, height: int, width: int) -> torch.Tensor:
+        """(1, hidden): one size for the whole batch (a batch is one bucket), broadcast over it."""
+        weight = self.fc1.weight
+        sizes = torch.tensor([height, width], device=weight.device, dtype=at_least_fp32(weight.dtype))
+        wave = sinusoid(sizes, RESOLUTION_SINUSOID_DIM // 2).reshape(1, -1)  # [cos h, sin h, cos w, sin w]
+        return self.fc2(F.silu(self.fc1(wave.to(self.fc1.weight.dtype))))
 
 
 class Attention(nn.Module):
@@ -186,6 +210,7 @@ class PRX(nn.Module):
         self.img_in = PatchEmbedding(cfg.patch_dim, cfg.bottleneck_dim, h)
         self.time_in = TimestepEmbedding(cfg.time_embed_dim, h)
         self.txt_in = nn.Linear(cfg.text_dim, h)
+        self.resolution_in = ResolutionEmbedding(h) if cfg.resolution_embeds else None
         self.blocks = nn.ModuleList(PRXBlock(cfg) for _ in range(cfg.depth))
         self.final = FinalLayer(h, cfg.patch_dim, cfg.fused_ops == "liger")
         # REPA (docs/recipe.md section 4): trained with the denoiser, so it lives here and shares its data
@@ -206,6 +231,14 @@ class PRX(nn.Module):
         """cos, sin of shape (1, N, 1, head_dim / 2) for a grid of patches (angles in fp64)."""
         angles = rope_angles(grid_positions(grid_h, grid_w, device), self.cfg.head_dim, self.cfg.rope_theta)
         return angles.cos().to(dtype)[None, :, None], angles.sin().to(dtype)[None, :, None]
+
+    def conditioning(self, t: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """vec (B, hidden): the timestep embedding, plus the image size's with model.resolution_embeds."""
+        vec = self.time_in(t)
+        if self.resolution_in is not None:
+            p = self.cfg.patch_size
+            vec = vec + self.resolution_in(grid[0] * p, grid[1] * p)
+        return vec
 
     def forward(
         self,
@@ -228,7 +261,7 @@ class PRX(nn.Module):
         if x_t.shape[1] != grid[0] * grid[1]:
             raise ValueError(f"{x_t.shape[1]} tokens do not fill a {grid[0]}x{grid[1]} patch grid")
         img = self.img_in(x_t)
-        cond = F.silu(self.time_in(t))  # every modulation reads SiLU(vec); compute it once
+        cond = F.silu(self.conditioning(t, grid))  # every modulation reads SiLU(vec); compute it once
         txt = self.txt_in(text)
         backend = resolve_backend(self.cfg.attention, x_t.device)
         rope = self.rope_tables(*grid, x_t.device, at_least_fp32(x_t.dtype))

@@ -12,6 +12,9 @@ a rename table plus one widening, and `tests/test_export.py` proves both against
   time_in.fc1's cos and sin columns go to those places and the other 256 - D columns are zero:
   the same function. The tiny preset's D = 64 exports this way.
 - RoPE: axes_dim [head_dim/2, head_dim/2], rows on the first half, adjacent pairs (ours).
+- resolution-aware conditioning (`model.resolution_embeds`, diffusers' `resolution_embeds`, on in
+  the PRX-7B pixel model): `resolution_embedder.mlp.{in,out}_layer`, the reference's own names; both
+  sides embed the image height and width in pixels, 128 + 128 wide.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ DIFFUSERS_RENAMES = {
     "time_in.fc1": "time_in.in_layer",
     "time_in.fc2": "time_in.out_layer",
     "txt_in": "txt_in",
+    "resolution_in.fc1": "resolution_embedder.mlp.in_layer",  # model.resolution_embeds; the reference's names
+    "resolution_in.fc2": "resolution_embedder.mlp.out_layer",
     "blocks.{i}.attn.qkv": "blocks.{i}.attention.img_qkv_proj",
     "blocks.{i}.attn.out": "blocks.{i}.attention.to_out.0",
     "blocks.{i}.attn.q_norm": "blocks.{i}.attention.norm_q",
@@ -79,7 +84,7 @@ def transformer_config(cfg: ModelConfig) -> dict:
         "time_factor": 1000.0,  # ours: the sinusoid of 1000 t
         "time_max_period": 10000,
         "bottleneck_size": cfg.bottleneck_dim,
-        "resolution_embeds": False,  # not in our model yet (issue 17, item 3)
+        "resolution_embeds": cfg.resolution_embeds,
     }
 
 

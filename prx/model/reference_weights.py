@@ -24,6 +24,8 @@ _RENAMES = {
     "time_in.in_layer": "time_in.fc1",
     "time_in.out_layer": "time_in.fc2",
     "txt_in": "txt_in",
+    "resolution_embedder.mlp.in_layer": "resolution_in.fc1",  # model.resolution_embeds (PRX-7B pixel)
+    "resolution_embedder.mlp.out_layer": "resolution_in.fc2",
     "blocks.{i}.img_qkv_proj": "blocks.{i}.attn.qkv",
     "blocks.{i}.attn_out": "blocks.{i}.attn.out",
     "blocks.{i}.qk_norm.query_norm": "blocks.{i}.attn.q_norm",

@@ -37,17 +37,19 @@ _FROM_DIFFUSERS = compile_renames({v: k for k, v in diffusers_names.DIFFUSERS_RE
 
 # The model fields that decide tensor shapes; a source's values of these are what a hint names.
 SHAPE_FIELDS = ("patch_size", "bottleneck_dim", "hidden_dim", "depth", "num_heads", "mlp_ratio", "text_dim",
-                "time_embed_dim")
+                "time_embed_dim", "resolution_embeds")
 # diffusers' config.json key -> our field
 _DIFFUSERS_FIELDS = {"patch_size": "patch_size", "bottleneck_size": "bottleneck_dim", "hidden_size": "hidden_dim",
                      "depth": "depth", "num_heads": "num_heads", "mlp_ratio": "mlp_ratio",
-                     "context_in_dim": "text_dim", "theta": "rope_theta"}
+                     "context_in_dim": "text_dim", "theta": "rope_theta",
+                     "resolution_embeds": "resolution_embeds"}
 # our tensor name -> the fields its shape follows (first match; the last is the catch-all)
 _FIELDS_OF = (
     (r"^img_in\.down\.", "model.patch_size / model.bottleneck_dim"),
     (r"^img_in\.up\.", "model.bottleneck_dim / model.hidden_dim"),
     (r"^time_in\.fc1\.", "model.time_embed_dim / model.hidden_dim"),
     (r"^txt_in\.", "model.text_dim / model.hidden_dim"),
+    (r"^resolution_in\.", "model.resolution_embeds / model.hidden_dim"),
     (r"_norm\.scale$", "model.hidden_dim / model.num_heads"),
     (r"\.mlp\.", "model.hidden_dim / model.mlp_ratio"),
     (r"^final\.linear\.", "model.patch_size / model.hidden_dim"),
@@ -112,6 +114,8 @@ def _hint(name: str, cfg: ModelConfig, source: Source) -> str:
     block = re.match(r"^blocks\.(\d+)\.", name)
     if block and (int(block.group(1)) >= cfg.depth or not any(k.startswith(block.group(0)) for k in source.state)):
         fields = "model.depth"  # a block one side has and the other lacks
+    elif name.startswith("resolution_in."):
+        fields = "model.resolution_embeds"  # one side embeds the image size, the other does not
     elif name not in source.state:
         return "the source is not a complete PRX denoiser (no config field adds a single tensor)"
     else:
@@ -162,8 +166,6 @@ def _from_diffusers_folder(folder: Path, cfg: ModelConfig) -> Source:
     if config.get("in_channels", 3) != 3:
         raise CheckpointError(f"{what} is a latent model (in_channels={config['in_channels']}, decoded by a VAE); "
                               "this trainer trains pixel models (in_channels=3)")
-    if config.get("resolution_embeds"):
-        raise CheckpointError(f"{what} uses resolution_embeds, which this trainer does not have yet (issue 17)")
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
     if index.is_file():  # sharded: the index names the file of every tensor
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
