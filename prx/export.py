@@ -30,7 +30,7 @@ from pathlib import Path
 
 from prx.config import FIELD_RULES, Config, OneLineParser, from_dict
 from prx.config_rules import ConfigError, check_value
-from prx.eval.sample import checkpoint_problem
+from prx.eval.sample import EXPORT_RECORD, checkpoint_problem
 from prx.hub import PretrainedMissing
 from prx.model.denoiser import PRX
 from prx.model.diffusers_names import (
@@ -196,7 +196,7 @@ def export(checkpoint: Path, out: Path, ema: bool = True, steps: int | None = No
     record = {"checkpoint": str(checkpoint), "step": meta["step"], "weights": weights, "steps": steps,
               "left_out": ["repa_projector (training only)"] if cfg.repa.enabled else [],
               "text_encoder": cfg.text.encoder, "config": cfg.to_dict()}
-    _write_json(out / "prx_export.json", record)
+    _write_json(out / EXPORT_RECORD, record)
     (out / "README.md").write_text(model_card(cfg, meta, weights, steps, grid.is_file(), copy_text))
     return record
 

@@ -148,8 +148,7 @@ def test_pipeline_images_are_our_samplers(exported):
     tower = TextTower(cfg.text, torch.device("cpu"))
     captions = ["a red circle on the left", "a blue square"]
     expected = generate(model, tower, captions, cfg, seed=5)
-    # the same noise, as an image; the prompts' embeddings from our tower, because the pipeline's
-    # own prompt cleaning needs ftfy (not a dependency here)
+    # the same noise, as an image; first the prompts' embeddings from our tower
     side, p = cfg.data.resolution, cfg.model.patch_size
     noise = cfg.flow.noise_scale * per_sample_normal(((side // p) ** 2, cfg.model.patch_dim), 5, 0, [0, 1],
                                                      torch.device("cpu"))
@@ -184,6 +183,13 @@ def test_pipeline_images_are_our_samplers(exported):
     assert expected.abs().mean() > 0.1 and 0 < ours_error < 1e-3
     # within fp32 rounding: the pipeline's error is at most twice our own sampler's
     assert (got.clamp(-1, 1).double() - exact).abs().max() <= 2 * ours_error, ours_error
+    # and by the pipeline's own prompt path (ftfy cleaning, its tokenizer call padded to
+    # prompt_max_tokens, the copied text encoder, "" as the negative prompt): the same images
+    by_prompt = torch.cat([pipe(prompt=caption, latents=latents[i:i + 1], num_inference_steps=STEPS,
+                                guidance_scale=cfg.eval.guidance, height=side, width=side,
+                                use_resolution_binning=False, output_type="pt").images
+                           for i, caption in enumerate(captions)])
+    assert (by_prompt.clamp(-1, 1).double() - exact).abs().max() <= 2 * ours_error, ours_error
 
 
 def test_user_mistakes_are_one_line(exported, tmp_path, capsys):
@@ -202,3 +208,25 @@ def test_user_mistakes_are_one_line(exported, tmp_path, capsys):
     assert cli(["--checkpoint", str(no_ema), "--out", str(tmp_path / "b"), "--no-ema"]) == 0
     card = (tmp_path / "b" / "README.md").read_text()
     assert "preset: `tiny`, step 7" in card and "from_pretrained(DIR, text_encoder=" in card
+
+
+def test_sampling_cli_reads_an_export_folder(exported, tmp_path, capsys):
+    from prx.eval import sample
+
+    _, checkpoint, root = exported
+    for source, extra in ((root / "out", []), (checkpoint, []), (root / "trained", []), (checkpoint, ["--no-ema"])):
+        out = tmp_path / f"{source.name}{''.join(extra)}"
+        assert sample.cli(["--checkpoint", str(source), "--prompt", "a red circle", "--steps", "2",
+                           "--out", str(out), *extra]) == 0
+    printed = capsys.readouterr().out
+    assert f"{root / 'out'}: export of step 7, EMA weights" in printed and "trained weights" in printed
+    image = "step7_000.png"
+    assert (tmp_path / "out" / image).read_bytes() == (tmp_path / checkpoint.name / image).read_bytes()
+    assert (tmp_path / "trained" / image).read_bytes() == (tmp_path / f"{checkpoint.name}--no-ema" / image).read_bytes()
+    assert (tmp_path / "out" / image).read_bytes() != (tmp_path / "trained" / image).read_bytes()
+    for argv, message in (([str(root / "out"), "--no-ema"], "holds only EMA weights; pass the checkpoint"),
+                          ([str(root / "out" / "transformer")], "a diffusers folder without prx_export.json")):
+        assert sample.cli(["--checkpoint", argv[0], "--prompt", "a red circle", "--out", str(tmp_path / "x"),
+                           *argv[1:]]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err

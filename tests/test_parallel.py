@@ -188,11 +188,32 @@ def test_save_at_two_processes_resume_at_one(tmp_path, data_parallel, asynchrono
                     "--set", f"train.async_checkpoint={asynchronous}", "--set", f"optim.name={optimizer}"]
     run_train(args + ["--run-dir", str(tmp_path / "straight"), "--steps", "6"])
     run_train(args + ["--run-dir", str(tmp_path / "moved"), "--steps", "3"], nproc=2)
+    if data_parallel == "fsdp" and optimizer == "muon":
+        assert_sharded_checkpoint_exports(tmp_path / "moved", tmp_path / "straight", 3)
     run_train(args + ["--run-dir", str(tmp_path / "moved"), "--steps", "6", "--resume", "auto"])
     straight, moved = losses(tmp_path / "straight"), losses(tmp_path / "moved")
     assert moved.keys() == straight.keys() == set(range(1, 7))
     for step in straight:
         assert moved[step] == pytest.approx(straight[step], rel=1e-4), step
+
+
+def assert_sharded_checkpoint_exports(sharded_run: Path, single_run: Path, step: int) -> None:
+    """`python -m prx.export`, in this one process, of a checkpoint that 2 FSDP ranks wrote in shards:
+    the tensors of the 1-process run's checkpoint at the same step, to the runs' agreement."""
+    from safetensors.torch import load_file
+
+    from prx.export import main as export_main
+
+    exports = []
+    for run in (sharded_run, single_run):
+        checkpoint = run / "checkpoints" / f"step_{step:08d}"
+        assert export_main(["--checkpoint", str(checkpoint), "--out", str(run / "export"), "--no-ema"]) == 0
+        exports.append(load_file(run / "export" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert len(list((sharded_run / "checkpoints" / f"step_{step:08d}").glob("*.distcp"))) == 2  # a shard a rank
+    sharded, single = exports
+    assert sharded.keys() == single.keys()
+    for name in single:  # the runs differ by the order of the gradient sums only (measured: 1.1e-7)
+        torch.testing.assert_close(sharded[name], single[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_sigkilled_worker_is_restarted_and_resumes(tmp_path):
