@@ -123,18 +123,21 @@ def model_card(cfg: Config, meta: dict, weights: str, steps: int, has_grid: bool
                 f"    encoder = AutoModel.from_pretrained({te!r})\n"
                 f"pipe = PRXPixelPipeline.from_pretrained(DIR, text_encoder=encoder,\n"
                 f"                                        tokenizer=AutoTokenizer.from_pretrained({te!r}))")
-    data = "the procedural shapes set (prx.data.shapes)" if cfg.data.source == "shapes" else f"webdataset shards {cfg.data.path}"
+    data = ("the procedural shapes set (prx.data.shapes)" if cfg.data.source == "shapes"
+            else f"webdataset shards {cfg.data.path}")
     guidance_note = ("" if not (cfg.tread.enabled and cfg.tread.self_guidance) else
                      f"\nThe run sampled with TREAD self-guidance ({cfg.tread.self_guidance}); diffusers has only "
                      "classifier-free guidance, so its images differ from the run's grids.\n")
-    s = cfg.flow.timestep_shift
+    s, m, noise = cfg.flow.timestep_shift, cfg.model, cfg.flow.noise_scale
+    res = ", resolution embeddings" if m.resolution_embeds else ""
+    copied_note = " (copied into this folder)" if copied else " (not copied: pass it when loading)"
     return f"""# PRX pixel-space text-to-image model (exported from prx-speedrun)
 
 - preset: `{cfg.preset}`, step {meta['step']} of {cfg.train.steps}, {weights} weights
 - data: {data}, {cfg.data.resolution} px
-- model: {cfg.model.depth} blocks, hidden {cfg.model.hidden_dim}, {cfg.model.num_heads} heads, patch {cfg.model.patch_size}, x-prediction
-- text encoder: `{te}` ({cfg.text.max_tokens} tokens){' (copied into this folder)' if copied else ' (not copied: pass it when loading)'}
-- sampling as trained: {steps} Euler steps, timestep shift {s}, guidance {cfg.eval.guidance}, noise scale {cfg.flow.noise_scale}
+- model: {m.depth} blocks, hidden {m.hidden_dim}, {m.num_heads} heads, patch {m.patch_size}, x-prediction{res}
+- text encoder: `{te}` ({cfg.text.max_tokens} tokens){copied_note}
+- sampling as trained: {steps} Euler steps, timestep shift {s}, guidance {cfg.eval.guidance}, noise scale {noise}
 {"" if not has_grid else chr(10) + "![samples of this step](samples.png)" + chr(10)}{guidance_note}
 ## Load (diffusers >= 0.42)
 

@@ -4,9 +4,10 @@
         --prompt "a red circle on the left" --prompt "a blue square at the top" --out samples/
 
 Writes one PNG per prompt (and per --count) plus a captioned grid. The model and text encoder
-are the ones named in the checkpoint's config (an export keeps it in prx_export.json). Every argument is checked, with the trainer's
-rules for the same settings (`prx.config.FIELD_RULES`), before the model or the text encoder
-loads: a bad one stops with one line, `error: ...`, and exit status 2.
+are the ones named in the checkpoint's config (an export keeps it in prx_export.json). Every
+argument is checked, with the trainer's rules for the same settings (`prx.config.FIELD_RULES`),
+before the model or the text encoder loads: a bad one stops with one line, `error: ...`, and
+exit status 2.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ USER_ERRORS = (ConfigError, CheckpointError, PretrainedMissing)
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m prx.eval.sample", description="Sample images from a PRX checkpoint.")
     p.add_argument("--checkpoint", required=True,
-                   help="a checkpoint directory (runs/NAME/checkpoints/step_*) or an export folder (python -m prx.export)")
+                   help="a checkpoint directory (runs/NAME/checkpoints/step_*) or a python -m prx.export folder")
     p.add_argument("--prompt", action="append", required=True, help="caption (repeatable)")
     p.add_argument("--count", type=int, default=1, help="images per prompt")
     p.add_argument("--steps", type=int, help="Euler steps (default: the config's eval.sample_steps)")
@@ -85,7 +86,9 @@ def weights_problem(path: Path) -> str | None:
     """Why `path` is neither a checkpoint nor an export folder (one line), or None."""
     if (path / EXPORT_RECORD).is_file():
         return None
-    if (path / "model_index.json").is_file() or (path / "config.json").is_file():
+    diffusers_files = ("model_index.json", "diffusion_pytorch_model.safetensors",
+                       "diffusion_pytorch_model.safetensors.index.json")
+    if any((path / name).is_file() for name in diffusers_files):
         return (f"--checkpoint={path} is a diffusers folder without {EXPORT_RECORD} (not written by python -m "
                 "prx.export, so the run's settings are unknown): sample it with diffusers' PRXPixelPipeline, or "
                 "start a run from it with train.py --init-from")
