@@ -230,3 +230,20 @@ def test_sampling_cli_reads_an_export_folder(exported, tmp_path, capsys):
                            *argv[1:]]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_export_parity_benchmark_scores_both_samplers_alike(tmp_path):
+    """bench/export_parity.py on a 3-step shapes run: the pipeline's images are ours to float32
+    rounding, so the two shapes scores are equal."""
+    import train
+    from bench.export_parity import main as parity
+    from tests.test_train import SMALL
+
+    train.main(SMALL + ["--run-dir", str(tmp_path / "run"), "--steps", "3", "--set", "eval.num_prompts=3",
+                        "--set", "eval.sample_steps=4", "--set", "eval.grid_prompts=3"])
+    rows = parity(["--checkpoint", str(tmp_path / "run" / "checkpoints" / "step_00000003"),
+                   "--out", str(tmp_path / "out"), "--csv-dir", str(tmp_path)])
+    ours, theirs = rows
+    assert ours["max_pixel_difference"] == 0 and 0 < theirs["max_pixel_difference"] < 1e-3
+    assert [ours[k] for k in ("color", "shape", "position")] == [theirs[k] for k in ("color", "shape", "position")]
+    assert (tmp_path / "out" / "grid_diffusers.png").is_file() and (tmp_path / "export_parity.csv").is_file()
