@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml Makefile tools/setup_venv.sh
 speedrun: $(STAMP)
 	$(PY) train.py $(ARGS)
 
-test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+test: $(STAMP)  # PRX_REQUIRE_DEV: a missing dev dependency fails its tests instead of skipping them
+	PRX_REQUIRE_DEV=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 gpu-wheels:  # into .whl/ (git-ignored), to carry along to the GPU check
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: -d .whl $(GPU_WHEELS)

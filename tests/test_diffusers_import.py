@@ -15,10 +15,16 @@ from prx.export import export
 from prx.model.denoiser import PRX
 from prx.run.checkpoint import CheckpointError
 from prx.run.init_weights import load_initial_weights
-from tests.test_export import assert_same_function, random_weights, run_config, write_checkpoint
+from tests.dev_deps import dev_dependency
+from tests.test_export import (
+    assert_same_function,
+    random_weights,
+    run_config,
+    write_checkpoint,
+)
 from tests.tiny_text import WIDTH
 
-diffusers = pytest.importorskip("diffusers")  # a dev dependency (pyproject.toml)
+diffusers = dev_dependency("diffusers")
 
 # the PRX-7B pixel model's options (diffusers' conversion script: resolution_embeds, a bottleneck)
 # at a toy size; diffusers' time embedding is always 256 wide, so ours is too

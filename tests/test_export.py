@@ -16,9 +16,11 @@ from prx.recipe.ema import EMA
 from prx.recipe.flow import sampling_sigmas
 from prx.recipe.repa import RepaProjector
 from prx.run.checkpoint import CheckpointWriter
+from tests.dev_deps import dev_dependency
 from tests.tiny_text import WIDTH, save_tiny_text_encoder
 
-diffusers = pytest.importorskip("diffusers")  # a dev dependency (pyproject.toml)
+diffusers = dev_dependency("diffusers")
+ftfy = dev_dependency("ftfy")  # the pipeline's prompt cleaning
 
 # time_embed_dim 64 as in the tiny preset: exported by widening time_in to diffusers' 256
 MODEL = ModelConfig(patch_size=4, bottleneck_dim=16, hidden_dim=48, depth=2, num_heads=3, mlp_ratio=2.5,
