@@ -51,6 +51,7 @@ def pipeline_images(folder: Path, captions: list[str], noise: torch.Tensor, cfg,
     return torch.cat(images)
 
 
+@torch.no_grad()  # not torch.set_grad_enabled(False): a caller (the tests) keeps its autograd
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the comparison; returns the CSV rows (ours first)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -58,7 +59,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", default="bench/out/export_parity", help="export folder and grids")
     parser.add_argument("--csv-dir", default=None, help="CSV folder (default bench/results/)")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
     checkpoint, out = Path(args.checkpoint), Path(args.out)
     meta = read_meta(checkpoint)
     cfg = from_dict(meta["config"])
