@@ -1,11 +1,12 @@
 # Two commands on a fresh machine:
-#   make speedrun   set up .venv, then train the default (tiny preset on CPU, minutes)
+#   make speedrun   set up .venv, train the default (tiny preset on CPU, minutes), plot it
 #   make test       set up .venv, then run the CPU test suite
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
+SPEEDRUN_DIR ?= runs/tiny
 PYTEST_ARGS ?=
 
 # Wheels that bench/gpu_check.sh installs on a bare GPU machine (pure Python: any platform).
@@ -19,8 +20,9 @@ $(STAMP): pyproject.toml Makefile tools/setup_venv.sh
 	bash tools/setup_venv.sh $(VENV) $(PYTHON)
 	touch $(STAMP)
 
-speedrun: $(STAMP)
-	$(PY) train.py $(ARGS)
+speedrun: $(STAMP)  # then the run's plots: SPEEDRUN_DIR/plots/*.png
+	$(PY) train.py --run-dir $(SPEEDRUN_DIR) $(ARGS)
+	$(PY) -m prx.plot $(SPEEDRUN_DIR)
 
 test: $(STAMP)  # PRX_REQUIRE_DEV: a missing dev dependency fails its tests instead of skipping them
 	PRX_REQUIRE_DEV=1 $(PY) -m pytest -q $(PYTEST_ARGS)

@@ -32,7 +32,10 @@ from prx.data.shapes import ShapesBatches, make_scene
 from prx.data.shards import ShardError
 from prx.data.stream import BatchSource
 from prx.data.webdata import ShardBatches
+from prx.data.heldout import HeldOut
 from prx.eval.periodic import PromptGrid, ShapesEvaluation, grid_prompts
+from prx.eval.quality import QualityMetrics
+from prx.eval.validation import ValidationLoss
 from prx.hub import PretrainedMissing
 from prx.model import liger
 from prx.model.denoiser import PRX, count_parameters
@@ -50,9 +53,11 @@ from prx.run.guard import BadStepGuard, TooManyBadSteps
 from prx.run.init_weights import load_initial_weights
 from prx.run.parallel import parallelize, set_gradient_sync
 from prx.run.run_dir import check_same_run, check_writable, resume_point, settle_metrics
+from prx.run.log_backends import open_backends
 from prx.run.runlog import RunLog
 from prx.run.stop_signals import StopSignals, signal_name
 from prx.run.train_metrics import TrainMetrics
+from prx.run.utilization import Utilization
 from prx.text import BatchCaptions, CaptionTable, TextTower
 
 
@@ -137,7 +142,10 @@ def train(cfg: Config, args: argparse.Namespace, dist: DistInfo, plan: BatchPlan
     resumed = ckpt.read_meta(resume_path) if resume_path else None
     if resumed:
         check_same_run(resumed["config"], cfg, resume_path)
-    log = RunLog(run_dir, cfg.train.steps, resumed["step"] if resumed else 0, dist.is_main)
+    # metrics.jsonl, and TensorBoard / W&B when asked for (a package that is missing stops here)
+    backends = (open_backends(cfg.train.tensorboard, cfg.train.wandb, cfg.train.wandb_project, run_dir,
+                              cfg.to_dict()) if dist.is_main else [])
+    log = RunLog(run_dir, cfg.train.steps, resumed["step"] if resumed else 0, dist.is_main, backends=backends)
     log.print(describe(cfg))
     if args.resume == "auto" and resume_path is None:
         log.print(f"--resume auto: no checkpoint in {run_dir} yet; starting from step 0")
@@ -163,6 +171,12 @@ def train(cfg: Config, args: argparse.Namespace, dist: DistInfo, plan: BatchPlan
     # ------------------------------------------------------------------ frozen teachers (docs/recipe.md 4, 5)
     teachers = load_teachers(cfg, device, compute_dtype)  # before the first step: a missing file stops here
     log.print(recipe_summary(cfg))
+    # The held-out samples, and the feature networks of FID / CMMD / DINO-MMD: a missing one stops here too.
+    heldout = HeldOut(cfg, log.wrap_progress("indexing held-out shards"))
+    quality = QualityMetrics(cfg, heldout, dist, device, log.print, log.wrap_progress("metrics")) \
+        if cfg.eval.metrics else None
+    if quality:
+        log.print(quality.describe())
 
     # ------------------------------------------------------------------ parallelize, optimizer
     train_model = parallelize(model, cfg.parallel, device, dist.world_size, compute_dtype)
@@ -174,6 +188,12 @@ def train(cfg: Config, args: argparse.Namespace, dist: DistInfo, plan: BatchPlan
 
     # ------------------------------------------------------------------ data
     source, captions, evaluation = build_data(cfg, tower, dist, log, run_dir)
+    validation = None
+    if cfg.eval.val_every and heldout.available:  # fixed images, timesteps and noise (prx/eval/validation.py)
+        validation = ValidationLoss(cfg, heldout, tower, dist, log, plan.micro_batch)
+        log.print(f"{validation.describe()}, every {cfg.eval.val_every} steps")
+    elif cfg.eval.val_every:
+        log.print(f"validation loss off: {heldout.describe()}")
     start_step = 0
     if resumed:
         rng = ckpt.load_train_state(resume_path, model, optimizer,  # resharded to this world size
@@ -193,6 +213,8 @@ def train(cfg: Config, args: argparse.Namespace, dist: DistInfo, plan: BatchPlan
 
     # ------------------------------------------------------------------ loop
     metrics = TrainMetrics(device, teachers.active_terms)
+    utilization = Utilization(cfg, device, dist.world_size)  # peak memory and MFU for the log line
+    log.print(utilization.describe())
     log.restart_clock(start_step)
     stop_signal = 0
     for step in range(start_step, cfg.train.steps):
@@ -211,6 +233,7 @@ def train(cfg: Config, args: argparse.Namespace, dist: DistInfo, plan: BatchPlan
         t = sample_timesteps(cfg.train.batch_size, cfg.flow, gen)[source.slots].to(device)
         seeds = torch.tensor([mix_seed(cfg.train.seed, step, slot) for slot in source.slots], device=device)
         x_t, x = patchify_and_noise(images, t, cfg.model.patch_size, seeds=seeds, noise_scale=cfg.flow.noise_scale)
+        utilization.add_step(x.shape[1], text.shape[1])
 
         # Route: per sample, the tokens that run TREAD's routed blocks (keyed like the noise), and
         # REPA's targets: the frozen teacher's patch tokens of the clean images, on the same grid.
@@ -258,7 +281,7 @@ def train(cfg: Config, args: argparse.Namespace, dist: DistInfo, plan: BatchPlan
             sec_per_step, img_per_s = log.throughput(done, cfg.train.batch_size)
             log.write({"kind": "train", "step": done, **metrics.reduce(), "lr": lr_at(step, cfg),
                        "skipped": guard.take_skipped(), "epoch": round(source.epoch, 3),
-                       "sec_per_step": sec_per_step, "img_per_s": img_per_s})
+                       "sec_per_step": sec_per_step, "img_per_s": img_per_s, **utilization.take(sec_per_step)})
 
         # Checkpoint, before the evaluation (an evaluation that fails cannot cost it): sharded,
         # every rank writes its part, published atomically; never from non-finite weights.
@@ -278,10 +301,20 @@ def train(cfg: Config, args: argparse.Namespace, dist: DistInfo, plan: BatchPlan
             log.print(f"stopped by {signal_name(stop_signal)} after step {done}; continue with --resume auto")
             break
 
-        # Evaluate, with the EMA weights: the shapes score, or a grid of fixed prompts.
-        if (cfg.train.sample_every and done % cfg.train.sample_every == 0) or (last and cfg.eval.final):
+        # Evaluate, with the EMA weights: the validation loss, the quality metrics, and the shapes
+        # score or a grid of fixed prompts, each at its own interval (and after the last step).
+        validate_now = validation is not None and (done % cfg.eval.val_every == 0 or last)
+        metrics_now = quality is not None and ((cfg.eval.metrics_every and done % cfg.eval.metrics_every == 0)
+                                               or (last and cfg.eval.final))
+        sample_now = (cfg.train.sample_every and done % cfg.train.sample_every == 0) or (last and cfg.eval.final)
+        if validate_now or metrics_now or sample_now:
             with ema.swapped_into(model) if ema else contextlib.nullcontext():
-                evaluation(model, done, last)
+                if validate_now:
+                    validation(model, done)
+                if metrics_now and (record := quality(model, tower, done)):
+                    log.write(record)
+                if sample_now:
+                    evaluation(model, done, last)
             log.restart_clock(done)
 
     checkpoints.close()  # waits for a background save

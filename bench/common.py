@@ -12,15 +12,13 @@ import csv
 import datetime
 import os
 import platform
-import statistics
 import subprocess
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 import kernels
+from prx.run.utilization import matmul_tflops, time_ms  # noqa: F401  (the benchmarks import them from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -63,35 +61,12 @@ def environment(device: torch.device) -> dict:
     }
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, reps: int = 50) -> float:
-    """Median milliseconds of `fn()`: triton's do_bench on a GPU, wall clock on the CPU."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=25, rep=max(reps, 20), return_mode="median"))
-    fn()  # warm up (first-call compilation, allocator)
-    times = []
-    for _ in range(max(3, min(reps, 10))):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Measured device-to-device copy bandwidth (read + write bytes): the memory-bound ceiling."""
     src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), device)
     return 2 * src.numel() / (ms * 1e-3) / 1e9
-
-
-def matmul_tflops(device: torch.device, n: int = 8192) -> float:
-    """bf16 n^3 matmul throughput: the matmul-bound ceiling."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    ms = time_ms(lambda: a @ b, device)
-    return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
 def measure(op, shape, dtype, mode, nbytes, providers, device, env, peak_gbps=None):

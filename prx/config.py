@@ -104,6 +104,10 @@ class DataConfig:
     workers: int = 4  # DataLoader processes per rank for reading (and, with cpu, decoding)
     caption_key: str = "caption"  # the field read from .json captions
     max_bad_fraction: float = 0.05  # stop when more of a shard's samples fail (names the shard)
+    # Held-out samples for the validation loss and the quality metrics (prx.data.heldout); the
+    # shapes set holds out scenes past data.shapes_length by itself.
+    val_path: str = ""  # webdataset: held-out shards (a .tar, a folder, a glob or a brace pattern)
+    val_shards: int = 0  # webdataset: hold out the last N shards of data.path, never trained on
 
 
 @dataclass
@@ -198,6 +202,10 @@ class TrainConfig:
     async_checkpoint: bool = False  # write checkpoints in a background thread
     max_bad_steps: int = 5  # consecutive steps with a NaN/inf loss or gradient before aborting
     kernels: str = "auto"  # auto (Triton kernels on GPU tensors, PyTorch elsewhere) | reference (PyTorch only)
+    tensorboard: bool = False  # also log to <run_dir>/tensorboard (needs `pip install tensorboard`)
+    wandb: str = "off"  # off | offline | online: also log to Weights & Biases (needs `pip install wandb`)
+    wandb_project: str = "prx-speedrun"  # the W&B project of the run
+    peak_tflops: float = 0.0  # MFU's denominator per GPU (0: a bf16 matmul measured at start; none on CPU)
     init_from: str = ""  # start from these weights: a checkpoint dir (its trained weights), a diffusers folder or a .safetensors file
 
 
@@ -225,6 +233,18 @@ class EvalConfig:
     seed: int = 1234  # sampling noise, the same at every evaluation
     final: bool = True  # evaluate after the last step as well
     prompts: str = ""  # real data: a text file of prompts, one a line (default: the first captions)
+    # Validation loss (prx.eval.validation): held-out samples at fixed timesteps, fixed noise.
+    val_every: int = 1000  # steps between validation losses (0: never)
+    val_samples: int = 1024  # held-out samples, each at every timestep
+    val_timesteps: int = 8  # t = (k + 0.5) / n for k < n: stratified over (0, 1)
+    # Quality metrics (prx.eval.quality): generated images of held-out captions against the real ones.
+    metrics: str = ""  # comma list of fid, cmmd, dino_mmd (empty: none; each needs its feature network)
+    metrics_every: int = 10_000  # steps between quality metrics (0: only with eval.final at the end)
+    metrics_samples: int = 10_000  # images generated (and real images compared) per evaluation
+    inception: str = ""  # FID's pt_inception-2015-12-05-6726825d.pth (empty: the torch hub cache)
+    clip: str = "openai/clip-vit-large-patch14-336"  # CMMD's CLIP: a hub id in the HF cache, or a directory
+    dino: str = "facebook/dinov2-with-registers-large"  # DINO-MMD's DINOv2: a hub id in the HF cache, or a directory
+    reference_cache: str = ""  # real images' features, computed once (empty: ~/.cache/prx/reference_features)
 
 
 @dataclass
@@ -310,7 +330,9 @@ def tiny() -> Config:
         train=TrainConfig(steps=2000, batch_size=32, precision="fp32", run_dir="runs/tiny",
                           log_every=50, sample_every=1000, checkpoint_every=500),
         # 150 prompts: the evaluation set is balanced in blocks of 5 scenes.
-        eval=EvalConfig(num_prompts=150, grid_prompts=16, sample_steps=25, guidance=3.0),
+        # Validation: 128 held-out scenes x 8 timesteps, ~2 s on 2 CPU cores, 4 times a run.
+        eval=EvalConfig(num_prompts=150, grid_prompts=16, sample_steps=25, guidance=3.0,
+                        val_every=500, val_samples=128),
     )
 
 
@@ -403,6 +425,16 @@ def from_dict(data: dict) -> Config:
 MAX_SEED = 2**64 - 1  # torch.manual_seed takes at most 64 bits
 # What --init-from reads is checked by prx.run.init_weights; here only that it is there, so a
 # typo stops at once rather than after the text tower loaded.
+METRIC_NAMES = ("fid", "cmmd", "dino_mmd")
+
+
+def metric_names(text: str) -> list[str]:
+    """eval.metrics as a list: "fid, cmmd" -> ["fid", "cmmd"]."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+METRIC_LIST = Rule(f"empty or a comma list of {', '.join(METRIC_NAMES)}",
+                   lambda v: isinstance(v, str) and all(m in METRIC_NAMES for m in metric_names(v)))
 INIT_WEIGHTS = Rule("empty, or a checkpoint directory, diffusers folder or .safetensors file that exists",
                     lambda v: isinstance(v, str) and (not v or Path(v).exists()))
 
@@ -422,6 +454,7 @@ FIELD_RULES: dict[str, Rule] = {
     "data.shapes_length": integer(ge=1), "data.buckets": one_of("aspect", "square"),
     "data.crop": one_of("center", "random"), "data.decoder": one_of("auto", "cpu", "dali", "dali-cpu"),
     "data.workers": integer(ge=0), "data.caption_key": NAME, "data.max_bad_fraction": number(ge=0, le=1),
+    "data.val_path": TEXT, "data.val_shards": integer(ge=0),
     "optim.name": one_of("muon", "adamw"), "optim.lr": number(gt=0), "optim.beta1": BELOW_ONE,
     "optim.beta2": number(ge=0, lt=1, why="Adam divides by 1 - beta2^step"), "optim.eps": number(gt=0),
     "optim.weight_decay": number(ge=0), "optim.warmup_steps": integer(ge=0, why="0: no warmup"),
@@ -447,6 +480,8 @@ FIELD_RULES: dict[str, Rule] = {
     "train.keep_checkpoints": integer(ge=0, why="0: all"), "train.async_checkpoint": FLAG,
     "train.max_bad_steps": integer(ge=1, why="0 reads as never, yet would stop like 1"),
     "train.kernels": one_of("auto", "reference"), "train.init_from": INIT_WEIGHTS,
+    "train.tensorboard": FLAG, "train.wandb": one_of("off", "offline", "online"), "train.wandb_project": NAME,
+    "train.peak_tflops": number(ge=0, why="0: measured on a GPU"),
     "parallel.data_parallel": one_of("fsdp", "ddp"),
     "parallel.activation_checkpointing": one_of("none", "full", "selective"),
     "parallel.checkpoint_every_n_blocks": integer(ge=1), "parallel.compile": FLAG,
@@ -456,6 +491,10 @@ FIELD_RULES: dict[str, Rule] = {
     "eval.grid_prompts": integer(ge=1, why="an empty grid cannot be written"),
     "eval.sample_steps": integer(ge=1), "eval.guidance": number(ge=0, why="0: unconditional, 1: no guidance"),
     "eval.seed": integer(), "eval.final": FLAG, "eval.prompts": PROMPT_FILE,
+    "eval.val_every": integer(ge=0, why="0: never"), "eval.val_samples": integer(ge=1),
+    "eval.val_timesteps": integer(ge=1), "eval.metrics": METRIC_LIST,
+    "eval.metrics_every": integer(ge=0, why="0: only at the end"), "eval.metrics_samples": integer(ge=2),
+    "eval.inception": TEXT, "eval.clip": NAME, "eval.dino": NAME, "eval.reference_cache": TEXT,
 }
 
 
@@ -494,6 +533,14 @@ def cross_field_rules(cfg: Config) -> list[tuple[bool, str]]:
         (d.source != "shapes" or not e.prompts,
          f"eval.prompts={e.prompts!r} is read only for webdataset data; the shapes data evaluates its "
          "held-out prompts (eval.num_prompts)"),
+        (d.source != "shapes" or not (d.val_path or d.val_shards),
+         "data.val_path / data.val_shards are read only for webdataset data; the shapes set holds out its "
+         "own scenes"),
+        (not (d.val_path and d.val_shards),
+         f"data.val_path={d.val_path!r} and data.val_shards={d.val_shards} both name held-out data; set one"),
+        (not e.metrics or d.source == "shapes" or bool(d.val_path or d.val_shards),
+         f"eval.metrics={e.metrics!r} compares generated images with held-out real ones: set data.val_path "
+         "(held-out shards) or data.val_shards (the last N shards of data.path)"),
         (not tr.enabled or 0 <= first_routed <= last_routed < m.depth,
          f"tread: blocks {first_routed}..{last_routed} are not inside the model's {m.depth} blocks "
          f"(model.depth={m.depth}); set tread.route_start / tread.route_end (0-based, inclusive)"),

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # A very small model on a small slice of the shapes set: seconds per run.
 SMALL = ["--set", "model.hidden_dim=64", "--set", "model.num_heads=4", "--set", "model.depth=2",
          "--set", "data.shapes_length=128", "--batch-size", "8", "--set", "train.sample_every=0",
-         "--set", "eval.final=false", "--set", "train.log_every=1"]
+         "--set", "eval.final=false", "--set", "train.log_every=1", "--set", "eval.val_every=0"]
 
 
 def read_metrics(run_dir: Path, kind="train") -> list[dict]:
@@ -138,7 +138,8 @@ def test_resume_with_another_model_is_refused(tmp_path):
 def test_two_processes_match_one(tmp_path):
     """torchrun with 2 CPU processes (gloo, DDP) gives the losses of 1 process, same global batch."""
     one, two = tmp_path / "one", tmp_path / "two"
-    args = SMALL + ["--steps", "3", "--set", "train.threads=1"]
+    args = SMALL + ["--steps", "3", "--set", "train.threads=1", "--set", "eval.val_every=2", "--set",
+                    "eval.val_samples=6"]
     subprocess.run([sys.executable, "train.py", *args, "--run-dir", str(one)], cwd=ROOT, check=True,
                    capture_output=True, timeout=300)
     subprocess.run([*torchrun(2), "train.py", *args, "--run-dir", str(two)],
@@ -147,3 +148,8 @@ def test_two_processes_match_one(tmp_path):
     assert len(a) == len(b) == 3
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
+    # the validation loss, each rank scoring half the held-out samples, averaged over ranks
+    val_one, val_two = read_metrics(one, "val"), read_metrics(two, "val")
+    assert [r["step"] for r in val_one] == [r["step"] for r in val_two] == [2, 3]
+    for ra, rb in zip(val_one, val_two):
+        assert rb["val_loss"] == pytest.approx(ra["val_loss"], rel=1e-5)

@@ -91,6 +91,18 @@ def find_shards(spec: str) -> list[Path]:
     return found
 
 
+def split_shards(path: str, val_path: str = "", val_shards: int = 0) -> tuple[list[Path], list[Path]]:
+    """(training shards, held-out shards): the held-out ones are `val_path`'s, or the last
+    `val_shards` of `path`'s (then left out of training); none without either."""
+    shards = find_shards(path)
+    if val_path:
+        return shards, find_shards(val_path)
+    if val_shards >= len(shards):
+        raise ShardError(f"data.val_shards={val_shards} holds out every one of the {len(shards)} shard(s) of "
+                         f"--data {path!r}; hold out fewer, or name held-out shards with data.val_path")
+    return (shards[:-val_shards], shards[-val_shards:]) if val_shards else (shards, [])
+
+
 # ----------------------------------------------------------------------------- indexing
 
 

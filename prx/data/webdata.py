@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from prx.data.buckets import BucketBatches, assign_buckets, bucket_sizes, crop_box, describe_buckets
 from prx.data.images import DECODE_ERRORS, is_plain_rgb8, open_image, to_rgb8
-from prx.data.shards import ShardError, ShardSet, find_shards
+from prx.data.shards import ShardError, ShardSet, split_shards
 from prx.data.stream import BatchSource, ImageBatch
 from prx.rng import mix_seed
 
@@ -138,7 +138,7 @@ class ShardBatches(BatchSource):
                  rank: int = 0, world_size: int = 1, log=print, progress=None):
         d = cfg
         self.device, self.log = device, log
-        self.shards = ShardSet(find_shards(d.path), d.max_bad_fraction, progress)
+        self.shards = ShardSet(split_shards(d.path, d.val_path, d.val_shards)[0], d.max_bad_fraction, progress)
         self.sizes = bucket_sizes(d.resolution, patch_size, square=d.buckets == "square")
         buckets = assign_buckets(self.shards.aspects, self.sizes)
         self.order = BucketBatches(buckets, len(self.sizes), batch_size, seed, rank, world_size)

@@ -58,6 +58,7 @@ class ShapesEvaluation:
         score = score_images(images, self.scenes)
         shown = self.cfg.eval.grid_prompts
         grid = save_grid(images[:shown], captions[:shown], self.run_dir / "samples" / f"step_{step:08d}.png")
+        self.log.image("samples", step, grid)
         self.log.print(f"eval step {step}: shapes score {score.format()} ({time.perf_counter() - start:.0f} s), "
                        f"grid {grid}")
         record = {"kind": "eval", "step": step, **{f"shapes_{k}": v for k, v in score.as_dict().items()}}
@@ -84,6 +85,7 @@ class PromptGrid:
         images = sample_prompts(model, self.tower, self.cfg, self.dist, self.prompts)
         if self.dist.is_main:
             grid = save_grid(images, self.prompts, self.run_dir / "samples" / f"step_{step:08d}.png")
+            self.log.image("samples", step, grid)
             self.log.print(f"samples step {step}: {grid} ({time.perf_counter() - start:.0f} s)")
 
 

@@ -68,31 +68,31 @@ CHECKPOINT_HINT = "pass a checkpoint directory, RUN/checkpoints/step_N"
 EXPORT_RECORD = "prx_export.json"  # what python -m prx.export writes next to the diffusers files
 
 
-def checkpoint_problem(path: Path, hint: str = CHECKPOINT_HINT) -> str | None:
+def checkpoint_problem(path: Path, hint: str = CHECKPOINT_HINT, option: str = "--checkpoint") -> str | None:
     """Why `path` is not a checkpoint directory, with the path to pass instead; None if it is one."""
     if (path / "meta.pt").is_file():
         return None
     if not path.exists():
-        return f"--checkpoint={path}: no such directory; {hint}"
+        return f"{option}={path}: no such directory; {hint}"
     if path.is_file():
-        return f"--checkpoint={path} is a file; {hint}"
+        return f"{option}={path} is a file; {hint}"
     latest = latest_checkpoint(path) if (path / "checkpoints").is_dir() else None
     if latest is not None:
-        return f"--checkpoint={path} is a run directory; pass one of its checkpoints, e.g. {latest}"
-    return f"--checkpoint={path} is not a checkpoint (it has no meta.pt); {hint}"
+        return f"{option}={path} is a run directory; pass one of its checkpoints, e.g. {latest}"
+    return f"{option}={path} is not a checkpoint (it has no meta.pt); {hint}"
 
 
-def weights_problem(path: Path) -> str | None:
-    """Why `path` is neither a checkpoint nor an export folder (one line), or None."""
+def weights_problem(path: Path, option: str = "--checkpoint") -> str | None:
+    """Why `path` (given as `option`) is neither a checkpoint nor an export folder (one line), or None."""
     if (path / EXPORT_RECORD).is_file():
         return None
     diffusers_files = ("model_index.json", "diffusion_pytorch_model.safetensors",
                        "diffusion_pytorch_model.safetensors.index.json")
     if any((path / name).is_file() for name in diffusers_files):
-        return (f"--checkpoint={path} is a diffusers folder without {EXPORT_RECORD} (not written by python -m "
+        return (f"{option}={path} is a diffusers folder without {EXPORT_RECORD} (not written by python -m "
                 "prx.export, so the run's settings are unknown): sample it with diffusers' PRXPixelPipeline, or "
                 "start a run from it with train.py --init-from")
-    return checkpoint_problem(path, CHECKPOINT_HINT + ", or a folder written by python -m prx.export")
+    return checkpoint_problem(path, CHECKPOINT_HINT + ", or a folder written by python -m prx.export", option)
 
 
 def read_settings(path: Path) -> tuple[Config, int, dict | None]:

@@ -290,19 +290,28 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def training_flops_per_image(cfg: ModelConfig, image_tokens: int, text_tokens: int) -> float:
-    """Matmul FLOPs of one image through forward and backward (3x forward), dense.
+def training_flops_per_image(cfg: ModelConfig, image_tokens: int, text_tokens: int, routed_blocks: int = 0,
+                             kept_tokens: int | None = None) -> float:
+    """Matmul FLOPs of one image through forward and backward (3x forward).
 
     PRX small at 1024 px (1024 tokens) with 256 text tokens: 5.23 TFLOP, as docs/recipe.md section 9.
+    With TREAD, `routed_blocks` of the blocks see only `kept_tokens` image tokens: the work the
+    step really does (MFU then credits no FLOP that routing skipped).
     """
-    h, n, t, m = cfg.hidden_dim, image_tokens, text_tokens, cfg.mlp_hidden_dim
-    per_block = (
-        2 * n * h * 3 * h  # qkv
-        + 2 * n * h * h  # attention output
-        + 2 * n * 3 * h * m  # gate, up, down
-        + 2 * t * h * 2 * h  # text keys and values
-        + 2 * 2 * n * (t + n) * h  # scores and weighted values over [text; image] keys
-    )
+    h, t, m = cfg.hidden_dim, text_tokens, cfg.mlp_hidden_dim
+
+    def per_block(n: int) -> int:
+        return (
+            2 * n * h * 3 * h  # qkv
+            + 2 * n * h * h  # attention output
+            + 2 * n * 3 * h * m  # gate, up, down
+            + 2 * t * h * 2 * h  # text keys and values
+            + 2 * 2 * n * (t + n) * h  # scores and weighted values over [text; image] keys
+        )
+
+    n = image_tokens
+    kept = n if kept_tokens is None else kept_tokens
+    blocks = (cfg.depth - routed_blocks) * per_block(n) + routed_blocks * per_block(kept)
     outside = 2 * n * (cfg.patch_dim * cfg.bottleneck_dim + cfg.bottleneck_dim * h + h * cfg.patch_dim)
     outside += 2 * t * cfg.text_dim * h
-    return 3.0 * (cfg.depth * per_block + outside)
+    return 3.0 * (blocks + outside)

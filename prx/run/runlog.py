@@ -4,6 +4,9 @@ Only rank 0 writes. Every `log_every` steps the averaged metrics go to <run_dir>
 (one JSON object per line) and to stdout as one line of fixed layout, e.g.
 
     step    500/1500 | loss 0.4210 | t<.3 1.920 .3-.6 0.310 >.6 0.105 | gnorm 0.84 | lr 1.0e-03 | 141 img/s
+
+Every record's numbers, and the sample grids the evaluation saves, also go to the optional
+backends (TensorBoard, W&B: prx/run/log_backends.py) the caller opened.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ from tqdm import tqdm
 
 from prx.recipe.flow import T_BIN_NAMES
 from prx.recipe.loss_terms import LOSS_TERMS
+from prx.run.log_backends import LogBackend, record_scalars
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool):
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool, *,
+                 backends: list[LogBackend] | None = None):
         self.enabled = enabled
+        self.backends = list(backends or []) if enabled else []
         self.total_steps = total_steps
         self.metrics_path = Path(run_dir) / "metrics.jsonl"
         self.bar = None
@@ -61,19 +67,32 @@ class RunLog:
         return sec_per_step, images_per_step / sec_per_step
 
     def write(self, record: dict) -> None:
-        """Append one JSON record; print a formatted line for training records."""
+        """Append one JSON record and send its numbers to the backends; print a formatted line
+        for training records."""
         if not self.enabled:
             return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.backends and (values := record_scalars(record)):
+            step = record.get("step", 0)  # the chance score has no step: it is the baseline, at 0
+            for backend in self.backends:
+                backend.scalars(step, values)
         if record.get("kind") == "train":
             self.print(format_train_line(record, self.total_steps))
             if self.bar is not None and record["loss"] is not None:
                 self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
 
+    def image(self, tag: str, step: int, path: Path) -> None:
+        """A saved sample grid (PNG), to the backends; metrics.jsonl has none."""
+        for backend in self.backends:
+            backend.image(tag, step, path)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        for backend in self.backends:
+            backend.close()
+        self.backends = []  # closing twice (an error path after the end) does nothing
 
 
 def format_train_line(r: dict, total_steps: int) -> str:
