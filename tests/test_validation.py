@@ -157,3 +157,12 @@ def test_mfu_against_a_configured_peak():
     flops = (step_flops(cfg, 64, 16, 32) + step_flops(cfg, 64, 24, 32)) / 2
     assert util.take(0.01)["mfu"] == pytest.approx(flops / 0.01 / 2 / 2e12, abs=1e-4)
     assert util.take(0.01)["mfu"] is None  # a window without steps
+
+
+def test_the_log_line_shows_mfu_and_peak_memory_when_measured():
+    from prx.run.runlog import format_train_line
+
+    record = dict(step=5, loss=0.5, grad_norm=1.0, lr=1e-3, img_per_s=100, sec_per_step=0.3)
+    assert format_train_line({**record, "mfu": 0.412, "peak_mem_gib": 61.27}, 10).endswith(
+        "0.300 s/step | MFU 41.2% | peak 61.3 GiB")
+    assert format_train_line({**record, "mfu": None, "peak_mem_gib": None}, 10).endswith("0.300 s/step")

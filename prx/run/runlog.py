@@ -95,6 +95,12 @@ class RunLog:
         self.backends = []  # closing twice (an error path after the end) does nothing
 
 
+def utilization(r: dict) -> str:
+    """' | MFU 41.2% | peak 61.3 GiB' where the record has them (GPU runs; MFU needs a peak)."""
+    mfu = f" | MFU {r['mfu']:.1%}" if r.get("mfu") is not None else ""
+    return mfu + (f" | peak {r['peak_mem_gib']:.1f} GiB" if r.get("peak_mem_gib") is not None else "")
+
+
 def format_train_line(r: dict, total_steps: int) -> str:
     bins = " ".join(
         f"{label} {r[name]:.3f}" if r.get(name) is not None else f"{label} -"
@@ -110,5 +116,5 @@ def format_train_line(r: dict, total_steps: int) -> str:
     return (
         f"step {r['step']:>7}/{total_steps} | loss {r['loss']:.4f}{parts} | {bins} | "
         f"gnorm {r['grad_norm']:.2f} | lr {r['lr']:.1e} | {r['img_per_s']:.0f} img/s | "
-        f"{r['sec_per_step']:.3f} s/step{skipped}"
+        f"{r['sec_per_step']:.3f} s/step{utilization(r)}{skipped}"
     )
