@@ -35,11 +35,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from prx.config import METRIC_NAMES
 from prx.eval.inception import POOL3_DIM, FidInceptionV3, load_fid_inception_state
 from prx.hub import PretrainedMissing, resolve_pretrained
 from prx.recipe.teachers import IMAGENET_MEAN, IMAGENET_STD, TeacherMissing, load_dino
 
-METRIC_NAMES = ("fid", "cmmd", "dino_mmd")
 # pytorch-fid's file, and torch-fidelity's (torchmetrics') copy under another name; the sha256 prefix
 # in both names (torch.hub's convention) is the same: 6726825d
 INCEPTION_URLS = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
