@@ -104,15 +104,17 @@ def test_appended_keys_change_no_output_and_no_gradient(n, t, backend, extreme):
     ref_mask = KeyPadding.build(text_mask, n, "math").sdpa_mask
     ref64, ref32 = (reference(q, k, v, ref_mask, dout, dtype) for dtype in (torch.float64, torch.float32))
     assert dk.shape == k.shape and dv.shape == v.shape  # the gradients of the original keys only
-    for ours, exact, rounded in zip((out, dq, dk, dv), ref64, ref32):
+    bounds = [2 * (r.double() - exact).abs().max() + 1e-6 * exact.abs().max() for exact, r in zip(ref64, ref32)]
+    for ours, exact, bound in zip((out, dq, dk, dv), ref64, bounds):
         assert torch.isfinite(ours).all()
-        bound = 2 * (rounded.double() - exact).abs().max() + 1e-6 * exact.abs().max()
         assert (ours.double() - exact).abs().max() <= bound
 
-    # and the same as the unpadded call of the same backend, to fp32 rounding
+    # and the same as the unpadded call of the same backend, to the same fp32 rounding bound: on the
+    # extreme rows dq carries the rounding of the -100 scores (2.5e-5 of a 3e-2 maximum, measured on
+    # this CPU), which a fixed rtol of 1e-5 does not allow whatever the padding does.
     plain_out, plain_grads = grads(q, k, v, KeyPadding.build(text_mask, n, backend, cudnn_rule=False), dout)
-    for ours, plain in zip((out, dq, dk, dv), (plain_out, *plain_grads)):
-        torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5 * plain.abs().max().item())
+    for ours, plain, bound in zip((out, dq, dk, dv), (plain_out, *plain_grads), bounds):
+        assert (ours.double() - plain.double()).abs().max() <= bound
 
 
 def test_math_attention_reference_is_unchanged_by_masked_zero_keys():
