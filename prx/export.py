@@ -153,8 +153,8 @@ image = pipe("a red circle on the left", num_inference_steps={steps}, guidance_s
 
 - With guidance, diffusers 0.42.1 fails for more than one prompt per call: call once per prompt.
 - `use_resolution_binning=False` unless this model is 1024 px: the pipeline bins sizes only for 1024.
-- The pipeline's own prompt cleaning needs `pip install ftfy`; or pass `prompt_embeds` and
-  `prompt_attention_mask` (and `negative_prompt_embeds` with guidance) from the text encoder.
+- The pipeline cleans prompts as training did (ftfy, HTML entities; it needs `pip install ftfy`);
+  or pass `prompt_embeds` and `prompt_attention_mask` (and `negative_prompt_embeds` with guidance).
 - The scheduler reproduces this trainer's sigmas at {steps} steps. For N steps, set
   `pipe.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps={s:g} * (N - 1) + 1, shift={s:g})`
   (a whole number is needed); diffusers' default schedule differs from ours.

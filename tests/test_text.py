@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from prx.config import TextConfig, tiny
-from prx.text import MINILM_PACKAGE, CaptionTable, TextEncoderMissing, TextTower, pad_text, resolve_encoder_path
+from prx.text import (
+    MINILM_PACKAGE,
+    CaptionTable,
+    TextEncoderMissing,
+    TextTower,
+    clean_prompt,
+    pad_text,
+    resolve_encoder_path,
+)
 
 CPU = torch.device("cpu")
 
@@ -46,6 +54,31 @@ def test_caption_table_equals_direct_encoding(minilm):
     for i in (0, 17, 255, 256, 299):
         assert torch.equal(table[i], again[i])  # deterministic: chunks are fixed
         torch.testing.assert_close(table[i], minilm.encode([captions[i]])[0], rtol=1e-4, atol=1e-4)
+
+
+# Web captions as they come: mojibake (UTF-8 read as Latin-1), entities escaped once and twice,
+# stray whitespace, and ones that need nothing.
+DIRTY = ["  cafÃ© &amp;amp; bar\n", "Fish &amp; chips", "&lt;b&gt;bold&lt;/b&gt;", "donâ€™t stop", "\tplain text ",
+         "a red circle on the left", "", "&#39;quoted&#39; &quot;twice&quot;"]
+
+
+def test_cleaning_is_the_one_diffusers_prx_pixel_pipeline_applies():
+    pixel = pytest.importorskip("diffusers.pipelines.prx.pipeline_prx_pixel")
+    assert [clean_prompt(c) for c in DIRTY] == [pixel._basic_clean(c) for c in DIRTY]
+    assert clean_prompt(DIRTY[0]) == "café & bar" and clean_prompt(DIRTY[3]) == "don't stop"
+
+
+def test_every_road_to_the_encoder_cleans(minilm):
+    """Training (the caption table, the per-batch encoding) and sampling all call `encode`: a dirty
+    caption gives its clean form's embedding, so an exported model meets at inference what it
+    was trained on."""
+    cleaned = [clean_prompt(c) for c in DIRTY]
+    assert cleaned != DIRTY
+    direct, clean = minilm.encode(DIRTY), minilm.encode(cleaned)
+    table = CaptionTable(minilm, DIRTY)
+    for i, (a, b) in enumerate(zip(direct, clean)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(table[i], b, rtol=1e-5, atol=1e-6)
 
 
 def test_pad_text_rounds_up():
