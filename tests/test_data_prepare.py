@@ -107,3 +107,25 @@ def test_a_crashed_prepare_resumes_to_the_same_shards(tmp_path, monkeypatch):
     assert [p.name for p in straight] == [p.name for p in resumed] and len(straight) > 2
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(straight, resumed))
     assert not list((tmp_path / "resumed").glob("*.tmp"))
+
+
+def test_text_encoder_stores_the_caption_embeddings_too(tmp_path, capsys):
+    from prx.data.text_store import StoredText, TextIdentity
+    from prx.text import MINILM_PACKAGE
+
+    source = image_folder(tmp_path / "images", count=6)
+    assert run(source, tmp_path / "out", "--shard-size", "8KB", "--text-encoder", MINILM_PACKAGE,
+               "--max-tokens", "32") == 0
+    out = capsys.readouterr().out
+    shards = find_shards(str(tmp_path / "out"))
+    assert f"{len(shards)} shard(s) embedded, 0 already current; 5 captions" in out
+    stored = StoredText(ShardSet(shards), TextIdentity(MINILM_PACKAGE, 32), ["caption"])
+    import torch
+
+    from prx.config import TextConfig
+    from prx.text import TextTower
+
+    want = TextTower(TextConfig(encoder=MINILM_PACKAGE, max_tokens=32), torch.device("cpu")).encode(["caption 5"])[0]
+    torch.testing.assert_close(stored.read(4, "caption"), want, rtol=8e-3, atol=1e-6)  # sample 4 is img05; bf16
+    assert run(source, tmp_path / "other", "--text-encoder", MINILM_PACKAGE, "--max-tokens", "0") == 2
+    assert "--max-tokens 0" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """Image-caption collections -> webdataset tar shards with indexes (what `--data` reads).
 
-    python -m prx.data.prepare SOURCE OUT_DIR [--shard-size 1GB] [--max-side 1024]
+    python -m prx.data.prepare SOURCE OUT_DIR [--shard-size 1GB] [--max-side 1024] [--text-encoder NAME]
 
 SOURCE is one of:
   * a folder of images (jpg/jpeg/png/webp/bmp/tiff, searched recursively), each with a caption in
@@ -20,7 +20,9 @@ sources), so every decoder reads the shards alike; --max-side shrinks larger ima
 quality 95). A shard closes when it reaches --shard-size bytes; it is written to a temporary
 name, indexed (`prx.data.shards`) and renamed, then `prepare_state.json` records how far the
 input was consumed. Run the same command again after a crash and it continues after the last
-complete shard; the summary lands in `prepare_summary.json`. A bad flag or path is one line
+complete shard; the summary lands in `prepare_summary.json`. With --text-encoder the captions'
+embeddings are stored beside the shards too (`python -m prx.data.embed`, which does the same for
+existing shards; training then does not load the encoder). A bad flag or path is one line
 (`error: ...`) on stderr and exit status 2, before anything is written.
 """
 
@@ -49,7 +51,8 @@ from tqdm import tqdm
 
 from prx.config_rules import ConfigError, OneLineParser
 from prx.data.images import DECODE_ERRORS, ImageTooLarge, is_plain_rgb8, open_image, to_rgb8
-from prx.data.shards import scan_shard, write_index
+from prx.data.shards import ShardError, scan_shard, write_index
+from prx.hub import PretrainedMissing
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 TABLE_SUFFIXES = {".jsonl", ".csv", ".parquet"}
@@ -447,16 +450,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--caption-column", default="caption")
     p.add_argument("--caption-field", default="caption", help="field of .json caption sidecars")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode-check processes")
+    p.add_argument("--text-encoder", default="", help="also store caption embeddings of this encoder")
+    p.add_argument("--max-tokens", type=int, default=256, help="with --text-encoder: the run's text.max_tokens")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def embed_captions(args, out: Path) -> str:
+    """--text-encoder: the caption embeddings of the shards just written (a summary line)."""
+    from prx.data import embed
+
+    done = embed.run(argparse.Namespace(data=str(out), text_encoder=args.text_encoder, max_tokens=args.max_tokens,
+                                        fields="caption", dtype="bf16", device="auto", quiet=args.quiet))
+    return embed.describe(done)
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m prx.data.prepare`: 0 when done; a bad flag, path or source, or a failed write, is
     one line `error: ...` on stderr and status 2 (130 for Ctrl-C), never a traceback."""
+    args = build_parser().parse_args(argv)
     try:
-        summary = prepare(build_parser().parse_args(argv))
-    except (PrepareError, ConfigError) as err:
+        if args.text_encoder and args.max_tokens < 1:
+            raise PrepareError(f"--max-tokens {args.max_tokens}: give at least 1 (the run's text.max_tokens)")
+        summary = prepare(args)
+        embedded = embed_captions(args, Path(summary["out"])) if args.text_encoder else ""
+    except (PrepareError, ConfigError, ShardError, PretrainedMissing) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # reading SOURCE or writing OUT_DIR failed (a lost mount, a full disk at the end)
@@ -471,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{summary['bytes'] / 2**20:.1f} MiB, in {summary['out']}; skipped: {describe_skipped(summary['skipped'])}")
     for line in summary["examples"]:
         print(f"  skipped {line}")
+    if embedded:
+        print(embedded)
     return 0
 
 
