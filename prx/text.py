@@ -147,26 +147,55 @@ class CaptionTable:
         return self.packed[self.offsets[i] : self.offsets[i + 1]]
 
 
+class StoredPrompts:
+    """The text tower's stand-in in a run on stored embeddings (`prx.data.text_store`), where no
+    encoder is loaded: `encode` serves the captions whose stored embeddings it was given (the
+    held-out samples and the grid's prompts), and refuses any other."""
+
+    def __init__(self, cfg: TextConfig, empty: torch.Tensor, hidden_size: int):
+        self.cfg, self._empty, self.hidden_size = cfg, empty, hidden_size
+        self.known: dict[str, torch.Tensor] = {}
+
+    def add_samples(self, stored, indices: list[int], captions: list[str], field: str) -> None:
+        """Serve `captions` (of samples `indices`) from `stored`, a `prx.data.text_store.StoredText`."""
+        self.known.update((c, stored.read(i, field)) for i, c in zip(indices, captions))
+
+    def encode(self, captions: list[str]) -> list[torch.Tensor]:
+        missing = [c for c in captions if c not in self.known]
+        if missing:
+            raise RuntimeError(f"caption {missing[0]!r} has no stored embedding in this run (no encoder is loaded)")
+        return [self.known[c] for c in captions]
+
+    def empty(self) -> torch.Tensor:
+        return self._empty
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return pad_text(self.encode(captions), self.cfg.pad_to_multiple)
+
+
 class BatchCaptions:
     """The caption embeddings of the loop's batches, the empty caption's where a caption is dropped
     (classifier-free guidance), padded and on the device.
 
     With a `CaptionTable` (the shapes set: captions known in advance, embedded once) a sample's
-    embedding is looked up by its id; without one (real data) the kept captions of each batch are
-    encoded there and then, and dropped ones are not encoded at all.
+    embedding is looked up by its id; with stored embeddings (shards embedded by
+    `prx.data.embed`) the batch brings them; otherwise (real data) the kept captions of each
+    batch are encoded there and then, and dropped ones are not encoded at all.
     """
 
-    def __init__(self, tower: TextTower, table: CaptionTable | None = None):
+    def __init__(self, tower: TextTower | StoredPrompts, table: CaptionTable | None = None):
         self.tower, self.table = tower, table
-        self.empty = tower.empty().cpu() if table is not None else tower.empty()  # where the table lives
+        on_cpu = table is not None or isinstance(tower, StoredPrompts)
+        self.empty = tower.empty().cpu() if on_cpu else tower.empty()  # where the other embeddings live
 
-    def embed(self, captions: list[str], ids: list[int] | None, dropped: list[bool],
-              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(text (B, T, C), mask (B, T)) for a batch's captions, or its sample `ids` with a table."""
+    def embed(self, batch, dropped: list[bool], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text (B, T, C), mask (B, T)) for a batch (`prx.data.stream.ImageBatch`)."""
         if self.table is not None:
-            seqs = [self.empty if drop else self.table[i] for i, drop in zip(ids, dropped)]
+            seqs = [self.empty if drop else self.table[i] for i, drop in zip(batch.ids, dropped)]
+        elif batch.text is not None:
+            seqs = [self.empty if drop else seq for seq, drop in zip(batch.text, dropped)]
         else:
-            kept = [c for c, drop in zip(captions, dropped) if not drop]
+            kept = [c for c, drop in zip(batch.captions, dropped) if not drop]
             encoded = iter(self.tower.encode(kept) if kept else [])
             seqs = [self.empty if drop else next(encoded) for drop in dropped]
         text, mask = pad_text(seqs, self.tower.cfg.pad_to_multiple)

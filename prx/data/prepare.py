@@ -468,8 +468,8 @@ def embed_captions(args, out: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     """`python -m prx.data.prepare`: 0 when done; a bad flag, path or source, or a failed write, is
     one line `error: ...` on stderr and status 2 (130 for Ctrl-C), never a traceback."""
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         if args.text_encoder and args.max_tokens < 1:
             raise PrepareError(f"--max-tokens {args.max_tokens}: give at least 1 (the run's text.max_tokens)")
         summary = prepare(args)

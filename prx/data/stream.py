@@ -22,6 +22,7 @@ class ImageBatch:
     images: torch.Tensor  # uint8 (B, 3, H, W) on the training device
     captions: list[str]
     ids: list[int] | None = None  # sample indices, where captions were embedded in advance
+    text: list[torch.Tensor] | None = None  # stored caption embeddings (T_i, C), when the shards have them
 
 
 class IndexStream:

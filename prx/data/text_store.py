@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from prx.data.shards import ShardError, ShardSet
+from prx.data.shards import ShardError, ShardSet, split_shards
 
 STORE_VERSION = 1
 CLEANING = "ftfy+html2"  # prx.text.clean_prompt: a store made under another cleaning is refused
@@ -152,3 +152,19 @@ class StoredText:
     def read(self, i: int, field: str) -> torch.Tensor:
         shard_id = int(self.shards.shard_of[i])
         return self.stores[shard_id].read(field, i - self.first_row[shard_id])
+
+
+def training_text(cfg, progress=None) -> StoredText | None:
+    """The training shards' stored caption embeddings, or None where the run encodes on the fly
+    (shapes data, text.precomputed=off, or shards without stores)."""
+    d = cfg.data
+    if d.source != "webdataset" or cfg.text.precomputed == "off":
+        return None
+    shards = split_shards(d.path, d.val_path, d.val_shards)[0]
+    if not StoredText.present(shards):
+        return None
+    return StoredText(ShardSet(shards, d.max_bad_fraction, progress), identity_of(cfg), [d.caption_key])
+
+
+def identity_of(cfg) -> TextIdentity:
+    return TextIdentity(cfg.text.encoder, cfg.text.max_tokens)

@@ -33,6 +33,7 @@ from prx.data.buckets import BucketBatches, assign_buckets, bucket_sizes, crop_b
 from prx.data.images import DECODE_ERRORS, is_plain_rgb8, open_image, to_rgb8
 from prx.data.shards import ShardError, ShardSet, split_shards
 from prx.data.stream import BatchSource, ImageBatch
+from prx.data.text_store import StoredText
 from prx.rng import mix_seed
 
 MAX_STAND_INS = 16  # attempts to find a decodable stand-in for a bad sample before giving up
@@ -70,9 +71,10 @@ class BatchReader(Dataset):
     """Batch number -> this rank's samples (read, and decoded on the CPU unless `encoded_only`)."""
 
     def __init__(self, shards: ShardSet, order: BucketBatches, sizes, seed: int, random_crop: bool,
-                 caption_key: str, encoded_only: bool = False):
+                 caption_key: str, encoded_only: bool = False, stored: StoredText | None = None):
         self.shards, self.order, self.sizes, self.seed = shards, order, sizes, seed
         self.random_crop, self.caption_key, self.encoded_only = random_crop, caption_key, encoded_only
+        self.stored = stored  # the shards' caption embeddings, read with the captions
 
     def offset(self, number: int, slot: int) -> tuple[float, float]:
         if not self.random_crop:
@@ -97,7 +99,7 @@ class BatchReader(Dataset):
         the bytes and crop boxes for DALI."""
         bucket, indices = self.order.batch(number)
         out_h, out_w = self.sizes[bucket]
-        images, captions, encoded, boxes, bad = [], [], [], [], []
+        images, captions, texts, encoded, boxes, bad = [], [], [], [], [], []
         needs_pillow = False
         for i, slot in zip(indices, self.order.slots):
             offset = self.offset(number, slot)
@@ -113,6 +115,8 @@ class BatchReader(Dataset):
                     else:
                         images.append(decode_image(data, out_h, out_w, offset))
                     captions.append(caption)
+                    if self.stored is not None:
+                        texts.append(self.stored.read(i, self.caption_key))
                     break
                 except DECODE_ERRORS as err:
                     bad.append((int(self.shards.shard_of[i]), f"{type(err).__name__}: {err}"))
@@ -120,7 +124,8 @@ class BatchReader(Dataset):
             else:
                 raise ShardError(f"batch {number}: no decodable image in {MAX_STAND_INS} tries in bucket "
                                  f"{out_h}x{out_w}; last shard tried {self.shards.shard_name(i)}")
-        result = {"number": number, "bucket": bucket, "indices": indices, "captions": captions, "bad": bad}
+        result = {"number": number, "bucket": bucket, "indices": indices, "captions": captions, "bad": bad,
+                  "text": texts if self.stored is not None else None}
         if encoded_only:
             result.update(encoded=encoded, boxes=boxes)
         else:
@@ -135,10 +140,12 @@ class ShardBatches(BatchSource):
     """The trainer's view of webdataset shards: aspect-bucketed batches (Pillow workers or DALI)."""
 
     def __init__(self, cfg, patch_size: int, device: torch.device, seed: int, batch_size: int,
-                 rank: int = 0, world_size: int = 1, log=print, progress=None):
+                 rank: int = 0, world_size: int = 1, log=print, progress=None, shards: ShardSet | None = None,
+                 stored: StoredText | None = None):
         d = cfg
         self.device, self.log = device, log
-        self.shards = ShardSet(split_shards(d.path, d.val_path, d.val_shards)[0], d.max_bad_fraction, progress)
+        self.shards = shards or ShardSet(split_shards(d.path, d.val_path, d.val_shards)[0], d.max_bad_fraction,
+                                         progress)
         self.sizes = bucket_sizes(d.resolution, patch_size, square=d.buckets == "square")
         buckets = assign_buckets(self.shards.aspects, self.sizes)
         self.order = BucketBatches(buckets, len(self.sizes), batch_size, seed, rank, world_size)
@@ -148,7 +155,7 @@ class ShardBatches(BatchSource):
                              "use --set data.buckets=square")
         self.decoder = pick_decoder(d.decoder, device)
         self.reader = BatchReader(self.shards, self.order, self.sizes, seed, d.crop == "random",
-                                  d.caption_key, encoded_only=self.decoder != "cpu")
+                                  d.caption_key, encoded_only=self.decoder != "cpu", stored=stored)
         self.workers = d.workers
         self.seen, self.bad = Counter(), Counter()  # per shard id, decode time
         self._batches = None
@@ -159,11 +166,15 @@ class ShardBatches(BatchSource):
 
     def prompts(self, count: int, caption_key: str = "caption") -> list[str]:
         """Fixed evaluation prompts: the captions of the first `count` samples with one."""
+        return [caption for _, caption in self.prompt_samples(count, caption_key)]
+
+    def prompt_samples(self, count: int, caption_key: str = "caption") -> list[tuple[int, str]]:
+        """(sample index, caption) of the first `count` samples with a caption."""
         found = []
         for i in range(len(self.shards)):
             caption = self.shards.read(i, caption_key)[1]
             if caption:
-                found.append(caption)
+                found.append((i, caption))
             if len(found) == count:
                 break
         return found
@@ -189,7 +200,7 @@ class ShardBatches(BatchSource):
             item = self._decode_with_dali(item)
         self._count(item)
         self.order.position += 1
-        return ImageBatch(item["images"].to(self.device, non_blocking=True), item["captions"])
+        return ImageBatch(item["images"].to(self.device, non_blocking=True), item["captions"], text=item["text"])
 
     def _decode_with_dali(self, item: dict) -> dict:
         from prx.data.dali import DaliDecoder
