@@ -109,9 +109,9 @@ def build_data(cfg: Config, tower: TextTower | StoredPrompts, stored: StoredText
             raise ConfigError(f"eval.prompts={cfg.eval.prompts!r} needs the text encoder, which a run on stored "
                               "caption embeddings does not load; leave it empty (the grid then shows the first "
                               "captions) or set text.precomputed=off")
-        first = source.prompt_samples(cfg.eval.grid_prompts, cfg.data.caption_key)
-        tower.add_samples(stored, [i for i, _ in first], [c for _, c in first], cfg.data.caption_key)
-    prompts = grid_prompts(cfg, lambda count: source.prompts(count, cfg.data.caption_key))
+        first = source.prompt_samples(cfg.eval.grid_prompts, cfg.data.caption_field)
+        tower.add_samples(stored, [i for i, _ in first], [c for _, c in first], cfg.data.caption_field)
+    prompts = grid_prompts(cfg, lambda count: source.prompts(count, cfg.data.caption_field))
     return source, BatchCaptions(tower), PromptGrid(cfg, tower, dist, run_dir, log, prompts)
 
 
@@ -188,9 +188,9 @@ def train(cfg: Config, args: argparse.Namespace, dist: DistInfo, plan: BatchPlan
     # The held-out samples, and the feature networks of FID / CMMD / DINO-MMD: a missing one stops here too.
     heldout = HeldOut(cfg, log.wrap_progress("indexing held-out shards"))
     if stored and heldout.shards is not None:  # their stored embeddings serve validation and metrics
-        held = StoredText(heldout.shards, identity_of(cfg), [cfg.data.caption_key])
+        held = StoredText(heldout.shards, identity_of(cfg), [cfg.data.caption_field])
         first = list(range(heldout.usable(max(cfg.eval.val_samples, cfg.eval.metrics_samples))))
-        tower.add_samples(held, first, heldout.captions(first), cfg.data.caption_key)
+        tower.add_samples(held, first, heldout.captions(first), cfg.data.caption_field)
     quality = QualityMetrics(cfg, heldout, dist, device, log.print, log.wrap_progress("metrics")) \
         if cfg.eval.metrics else None
     if quality:

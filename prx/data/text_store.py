@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from prx.config import caption_fields
 from prx.data.shards import ShardError, ShardSet, split_shards
 
 STORE_VERSION = 1
@@ -163,7 +164,8 @@ def training_text(cfg, progress=None) -> StoredText | None:
     shards = split_shards(d.path, d.val_path, d.val_shards)[0]
     if not StoredText.present(shards):
         return None
-    return StoredText(ShardSet(shards, d.max_bad_fraction, progress), identity_of(cfg), [d.caption_key])
+    return StoredText(ShardSet(shards, d.max_bad_fraction, progress), identity_of(cfg),
+                      [name for name, _ in caption_fields(d.caption_key)])
 
 
 def identity_of(cfg) -> TextIdentity:

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from prx.config import caption_fields
 from prx.data.buckets import BucketBatches, assign_buckets, bucket_sizes, crop_box, describe_buckets
 from prx.data.images import DECODE_ERRORS, is_plain_rgb8, open_image, to_rgb8
 from prx.data.shards import ShardError, ShardSet, split_shards
@@ -73,7 +74,8 @@ class BatchReader(Dataset):
     def __init__(self, shards: ShardSet, order: BucketBatches, sizes, seed: int, random_crop: bool,
                  caption_key: str, encoded_only: bool = False, stored: StoredText | None = None):
         self.shards, self.order, self.sizes, self.seed = shards, order, sizes, seed
-        self.random_crop, self.caption_key, self.encoded_only = random_crop, caption_key, encoded_only
+        self.random_crop, self.encoded_only = random_crop, encoded_only
+        self.fields = caption_fields(caption_key)  # [(field, probability)]
         self.stored = stored  # the shards' caption embeddings, read with the captions
 
     def offset(self, number: int, slot: int) -> tuple[float, float]:
@@ -82,6 +84,18 @@ class BatchReader(Dataset):
         g = torch.Generator().manual_seed(mix_seed(self.seed, number, slot, 0xC409))  # 0xC409: crop
         u, v = torch.rand(2, generator=g).tolist()
         return u, v
+
+    def caption_field(self, number: int, slot: int) -> str:
+        """The caption field this slot of batch `number` reads: drawn by weight, keyed like the crop."""
+        if len(self.fields) == 1:
+            return self.fields[0][0]
+        g = torch.Generator().manual_seed(mix_seed(self.seed, number, slot, 0xCA97))  # 0xCA97: caption
+        u, total = torch.rand(1, generator=g).item(), 0.0
+        for name, probability in self.fields:
+            total += probability
+            if u < total:
+                return name
+        return self.fields[-1][0]  # u within rounding of 1
 
     def stand_in(self, bucket: int, number: int, slot: int, attempt: int) -> int:
         members = self.order.bucket_members(bucket)
@@ -102,10 +116,10 @@ class BatchReader(Dataset):
         images, captions, texts, encoded, boxes, bad = [], [], [], [], [], []
         needs_pillow = False
         for i, slot in zip(indices, self.order.slots):
-            offset = self.offset(number, slot)
+            offset, field = self.offset(number, slot), self.caption_field(number, slot)
             for attempt in range(MAX_STAND_INS + 1):
                 try:
-                    data, caption = self.shards.read(i, self.caption_key)
+                    data, caption = self.shards.read(i, field)
                     if encoded_only:
                         with open_image(data) as im:  # the header only: bad ones get a stand-in here too
                             needs_pillow = needs_pillow or not is_plain_rgb8(im)
@@ -116,7 +130,7 @@ class BatchReader(Dataset):
                         images.append(decode_image(data, out_h, out_w, offset))
                     captions.append(caption)
                     if self.stored is not None:
-                        texts.append(self.stored.read(i, self.caption_key))
+                        texts.append(self.stored.read(i, field))
                     break
                 except DECODE_ERRORS as err:
                     bad.append((int(self.shards.shard_of[i]), f"{type(err).__name__}: {err}"))
