@@ -10,7 +10,8 @@ SPEEDRUN_DIR ?= runs/tiny
 PYTEST_ARGS ?=
 
 # Wheels that bench/gpu_check.sh installs on a bare GPU machine (pure Python: any platform).
-GPU_WHEELS := liger-kernel==0.8.5
+# ftfy (and its wcwidth): the prompt cleaning of prx.text, which the bare GPU machine lacks
+GPU_WHEELS := liger-kernel==0.8.5 ftfy==6.3.1 wcwidth==0.9.4
 
 .PHONY: setup speedrun test gpu-wheels clean
 

@@ -35,9 +35,10 @@
 #             compiles). ~3 min.
 #   data      image decoding throughput, Pillow and DALI. ~1 min.
 #   liger     Liger-Kernel ops against eager and compiled torch (skipped without its wheel). ~1 min.
+#   text      caption embeddings per step: a random T5Gemma-2B-shaped encoder vs stored ones. ~1 min.
 # Plan: a 15-minute device slot holds about 12 minutes of commands after the machine starts (1-2
 # minutes), and one command runs 10 minutes at most. First call: muon kernels step recipe
-# (~8 min estimated, BUDGET_S=480); second call: ONLY="tests baselines data liger". Every section
+# (~8 min estimated, BUDGET_S=480); second call: ONLY="tests baselines data liger text". Every section
 # runs under what is left of BUDGET_S; one that would start with under a minute left is skipped,
 # and the end names what was skipped or cut off, and prints each section's measured time.
 set -uo pipefail
@@ -46,7 +47,7 @@ OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
-SECTIONS="muon kernels step recipe tests baselines data liger"
+SECTIONS="muon kernels step recipe tests baselines data liger text"
 ONLY=${ONLY:-$SECTIONS}
 PACK=${PACK:-1}  # 0: leave the logs and CSVs as files instead of one archive
 if [[ -z ${PRX_GIT_REVISION:-} ]] && command -v git > /dev/null; then
@@ -57,7 +58,7 @@ status=0
 unfinished=()  # sections skipped or cut off at the deadline
 timings=()     # "section seconds" of each section run
 
-# Wheels a bare GPU machine lacks (Liger-Kernel), fetched by `make gpu-wheels` into .whl/ and
+# Wheels a bare GPU machine lacks (Liger-Kernel, ftfy for the prompt cleaning), fetched by `make gpu-wheels` into .whl/ and
 # carried along with the repository:
 if compgen -G ".whl/*.whl" > /dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
@@ -73,6 +74,7 @@ if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; 
     step_runs=("--preset prx_small_1024 --batch-size 16 --variants eager compile compile-no-mask"
                "--preset prx_small_512 --batch-size 64 --variants eager")
     data_images=256
+    text_args="--size 2b --steps 10"
 else
     echo "gpu_check: no CUDA device; smoke run on the CPU (numbers are not GPU results)"
     smoke="--smoke"
@@ -80,6 +82,7 @@ else
     steps=2
     step_runs=("--preset tiny --batch-size 8 --variants eager compile")
     data_images=16
+    text_args="--size tiny --batch 4 --max-tokens 32 --steps 2"
 fi
 deadline=$((SECONDS + BUDGET_S))
 
@@ -127,6 +130,8 @@ for section in $ONLY; do
             run bench_muon $PY -m bench.bench_muon $smoke --providers compile --out-dir "$OUT"
             kernel_benches compile ;;
         data) run bench_data $PY -m bench.bench_data --images $data_images --out "$OUT/data.csv" ;;
+        # shellcheck disable=SC2086
+        text) run bench_text $PY -m bench.bench_text $text_args --out "$OUT/text.csv" ;;
         liger)
             if $PY -c "import liger_kernel" 2> /dev/null; then
                 run bench_liger $PY -m bench.bench_liger $smoke --out-dir "$OUT"

@@ -130,3 +130,19 @@ def test_several_caption_fields_are_drawn_by_weight_per_step_and_slot(tmp_path, 
     assert 0.15 < plain < 0.35  # 160 draws of p = 0.25: 4 standard deviations either side
     two = [reads(0, 2), reads(1, 2)]
     assert [[b0[0], b1[0], b0[1], b1[1]] for b0, b1 in zip(*two)] == one  # slots r, r + W of each batch
+
+
+def test_text_benchmark_times_both_roads_through_the_trainers_code(tmp_path):
+    """bench/bench_text.py on a tiny random T5Gemma: a row per road, the stored bytes as measured."""
+    import csv
+
+    from bench.bench_text import main as bench_main
+
+    assert bench_main(["--size", "tiny", "--batch", "4", "--max-tokens", "32", "--steps", "2",
+                       "--out", str(tmp_path / "text.csv")]) == 0
+    rows = list(csv.DictReader((tmp_path / "text.csv").open()))
+    assert [r["provider"] for r in rows] == ["encode", "stored"]
+    assert all(float(r["ms"]) > 0 and r["shape"] == "b4 t32 tiny" for r in rows)
+    tokens = float(rows[0]["note"].split("mean caption ")[1].split(" tokens")[0])
+    stored_kb = float(rows[0]["note"].split("stored ")[1].split(" kB")[0])
+    assert stored_kb == pytest.approx(tokens * 256 * 2 / 1e3, rel=0.1)  # 256 wide, bf16, plus the header
