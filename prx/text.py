@@ -11,8 +11,10 @@ unescaped twice, outer whitespace stripped). That is the cleaning diffusers' PRX
 applies to every prompt (diffusers 0.42.1 `_basic_clean`), so an exported model sees at
 inference the text it was trained on.
 
-Embeddings are computed under no_grad (bf16 on GPU), trimmed to each caption's real tokens, and
-padded per batch to its longest caption (rounded up to `pad_to_multiple`). `CaptionTable`
+Embeddings are computed under no_grad (bf16 on GPU), the captions sorted by token count and
+encoded `encode_chunk` to a call so that little of each call is padding, trimmed to each
+caption's real tokens, and padded per batch to its longest caption (rounded up to
+`pad_to_multiple`). `CaptionTable`
 precomputes a finite caption list once, in fixed chunks, so a resumed run sees bit-identical
 embeddings whatever order the captions come in.
 """
@@ -105,16 +107,23 @@ class TextTower:
         self._empty: torch.Tensor | None = None
 
     @torch.no_grad()
-    def encode(self, captions: list[str]) -> list[torch.Tensor]:
-        """Embeddings of each caption's real tokens, (T_i, C) fp32, truncated to max_tokens."""
-        tokens = self.tokenizer(
-            [clean_prompt(c) for c in captions], padding=True, truncation=True, max_length=self.cfg.max_tokens,
-            return_tensors="pt",
-        ).to(self.device)
-        hidden = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-        hidden = hidden.last_hidden_state.float()
-        lengths = tokens["attention_mask"].sum(1).tolist()
-        return [hidden[i, :n] for i, n in enumerate(lengths)]
+    def encode(self, captions: list[str], chunk: int | None = None) -> list[torch.Tensor]:
+        """Embeddings of each caption's real tokens, (T_i, C) fp32, truncated to max_tokens, in the
+        order given. Captions go through the encoder sorted by token count, `chunk` (default
+        `cfg.encode_chunk`; 0: all) to a call, each call padded only to its own longest."""
+        chunk = self.cfg.encode_chunk if chunk is None else chunk
+        tokens = self.tokenizer([clean_prompt(c) for c in captions], truncation=True, max_length=self.cfg.max_tokens)
+        ids = tokens["input_ids"]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # stable: ties keep their order
+        out: list[torch.Tensor | None] = [None] * len(ids)
+        for start in range(0, len(order), chunk or max(1, len(order))):
+            picked = order[start:start + chunk] if chunk else order
+            batch = self.tokenizer.pad({"input_ids": [ids[i] for i in picked]}, return_tensors="pt").to(self.device)
+            hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            hidden = hidden.last_hidden_state.float()
+            for row, (i, n) in enumerate(zip(picked, batch["attention_mask"].sum(1).tolist())):
+                out[i] = hidden[row, :n]
+        return out
 
     def empty(self) -> torch.Tensor:
         """The empty caption's embedding (classifier-free guidance), computed once."""
@@ -122,8 +131,8 @@ class TextTower:
             self._empty = self.encode([""])[0]
         return self._empty
 
-    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        return pad_text(self.encode(captions), self.cfg.pad_to_multiple)
+    def __call__(self, captions: list[str], chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return pad_text(self.encode(captions, chunk), self.cfg.pad_to_multiple)
 
 
 class CaptionTable:

@@ -56,6 +56,21 @@ def test_caption_table_equals_direct_encoding(minilm):
         torch.testing.assert_close(table[i], minilm.encode([captions[i]])[0], rtol=1e-4, atol=1e-4)
 
 
+def test_sorted_chunks_give_each_caption_what_one_call_gives(minilm):
+    """Sorted by length and encoded 3 to a call, each caption's embedding is the one it gets in a
+    single padded call (to fp32 rounding: the padding is masked out), in the order given."""
+    captions = ["a red circle", "", "a small blue square in the top right corner of the picture", "two dots",
+                "a green triangle below a yellow star", "a red circle", "one"]
+    whole = minilm.encode(captions, chunk=0)
+    sorted_chunks = minilm.encode(captions, chunk=3)
+    assert [s.shape for s in sorted_chunks] == [s.shape for s in whole]
+    for got, want, caption in zip(sorted_chunks, whole, captions):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=caption)
+        torch.testing.assert_close(got, minilm.encode([caption])[0], rtol=1e-5, atol=1e-5, msg=caption)
+    assert torch.equal(sorted_chunks[0], sorted_chunks[5])  # the same caption, the same chunk shape
+    assert not torch.allclose(whole[0][:2], whole[3][:2])  # not every caption the same
+
+
 # Web captions as they come: mojibake (UTF-8 read as Latin-1), entities escaped once and twice,
 # stray whitespace, and ones that need nothing.
 DIRTY = ["  cafÃ© &amp;amp; bar\n", "Fish &amp; chips", "&lt;b&gt;bold&lt;/b&gt;", "donâ€™t stop", "\tplain text ",

@@ -141,7 +141,7 @@ def test_text_benchmark_times_both_roads_through_the_trainers_code(tmp_path):
     assert bench_main(["--size", "tiny", "--batch", "4", "--max-tokens", "32", "--steps", "2",
                        "--out", str(tmp_path / "text.csv")]) == 0
     rows = list(csv.DictReader((tmp_path / "text.csv").open()))
-    assert [r["provider"] for r in rows] == ["encode", "stored"]
+    assert [r["provider"] for r in rows] == ["encode", "encode-sorted8", "stored"]
     assert all(float(r["ms"]) > 0 and r["shape"] == "b4 t32 tiny" for r in rows)
     tokens = float(rows[0]["note"].split("mean caption ")[1].split(" tokens")[0])
     stored_kb = float(rows[0]["note"].split("stored ")[1].split(" kB")[0])

@@ -26,18 +26,7 @@ from prx.data.shards import ShardError, ShardSet, find_shards
 from prx.data.text_store import DTYPES, ShardTextStore, TextIdentity, store_path, write_store
 from prx.hub import PretrainedMissing
 
-CHUNK = 64  # captions a forward: sorted by length first, so little of a chunk is padding
-
-
-def encode_sorted(tower, captions: list[str], chunk: int = CHUNK) -> list[torch.Tensor]:
-    """Embeddings of `captions` in their order, encoded in chunks of similar length (CPU tensors)."""
-    order = sorted(range(len(captions)), key=lambda i: len(captions[i]))
-    out: list[torch.Tensor | None] = [None] * len(captions)
-    for start in range(0, len(order), chunk):
-        picked = order[start:start + chunk]
-        for i, seq in zip(picked, tower.encode([captions[i] for i in picked])):
-            out[i] = seq.cpu()
-    return out
+CHUNK = 64  # captions a forward (TextTower.encode sorts them by length, so little of a chunk is padding)
 
 
 def embed_shards(shards: list[Path], tower, identity: TextIdentity, fields: list[str], dtype: str = "bf16",
@@ -58,7 +47,7 @@ def embed_shards(shards: list[Path], tower, identity: TextIdentity, fields: list
         per_field = {}
         for name in fields:
             captions = [samples.read(i, name)[1] for i in range(len(samples))]
-            per_field[name] = encode_sorted(tower, captions)
+            per_field[name] = [s.cpu() for s in tower.encode(captions, CHUNK)]
             done["captions"] += len(captions)
             done["tokens"] += sum(s.shape[0] for s in per_field[name])
         path = write_store(shard, identity, per_field, tower.empty().cpu(), dtype)
