@@ -63,8 +63,12 @@ from prx.text import BatchCaptions, CaptionTable, StoredPrompts, TextTower
 
 
 def lr_at(step: int, cfg: Config) -> float:
-    """Linear warmup over `warmup_steps`, then constant (docs/recipe.md section 6)."""
-    return cfg.optim.lr * min(1.0, (step + 1) / max(cfg.optim.warmup_steps, 1))
+    """Linear warmup over `warmup_steps`, then constant (docs/recipe.md section 6); with
+    `cooldown_steps`, linear decay to zero over the run's last steps."""
+    o = cfg.optim
+    warmup = min(1.0, (step + 1) / max(o.warmup_steps, 1))
+    cooldown = min(1.0, (cfg.train.steps - step) / o.cooldown_steps) if o.cooldown_steps else 1.0
+    return o.lr * min(warmup, cooldown)
 
 
 def recipe_summary(cfg: Config) -> str:

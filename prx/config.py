@@ -130,6 +130,7 @@ class OptimConfig:
     eps: float = 1e-8  # Adam's denominator epsilon
     weight_decay: float = 0.0  # decoupled weight decay, both groups
     warmup_steps: int = 1000  # linear warmup, then constant learning rate
+    cooldown_steps: int = 0  # linear decay to zero over the run's last N steps (0: constant to the end, as PRX)
     grad_clip: float = 0.2  # global gradient norm clip
     muon_momentum: float = 0.95  # Muon's momentum
     muon_nesterov: bool = True  # Nesterov momentum in Muon
@@ -492,6 +493,7 @@ FIELD_RULES: dict[str, Rule] = {
     "optim.name": one_of("muon", "adamw"), "optim.lr": number(gt=0), "optim.beta1": BELOW_ONE,
     "optim.beta2": number(ge=0, lt=1, why="Adam divides by 1 - beta2^step"), "optim.eps": number(gt=0),
     "optim.weight_decay": number(ge=0), "optim.warmup_steps": integer(ge=0, why="0: no warmup"),
+    "optim.cooldown_steps": integer(ge=0, why="0: no cooldown"),
     "optim.grad_clip": number(gt=0, why="0 would zero every gradient"), "optim.muon_momentum": BELOW_ONE,
     "optim.muon_nesterov": FLAG, "optim.muon_update_scale": number(gt=0), "optim.ns_steps": integer(ge=1),
     "optim.ns_coefficients": one_of("jordan", "polar_express"), "optim.newton_schulz": one_of("gram", "standard"),

@@ -47,6 +47,21 @@ def test_tiny_training_lowers_the_loss(tmp_path):
     assert last < 0.6 * first, (first, last)
 
 
+def test_lr_warms_up_holds_and_cools_down_to_zero():
+    from prx.config import tiny
+
+    cfg = tiny()
+    cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.steps = 1e-3, 10, 100
+    constant = [train.lr_at(s, cfg) for s in range(100)]
+    assert constant[0] == pytest.approx(1e-4) and constant[9] == constant[99] == pytest.approx(1e-3)
+    cfg.optim.cooldown_steps = 40
+    cooled = [train.lr_at(s, cfg) for s in range(100)]
+    assert cooled[:60] == constant[:60]  # untouched until the last 40 steps
+    assert cooled[60] == pytest.approx(1e-3) and cooled[80] == pytest.approx(0.5e-3)
+    assert cooled[99] == pytest.approx(1e-3 / 40)  # the last step's lr is one step from zero
+    assert all(a > b for a, b in zip(cooled[60:], cooled[61:]))
+
+
 def test_resume_continues_exactly(tmp_path):
     straight, stopped = straight_and_resumed(SMALL + ["--set", "train.checkpoint_every=3"], tmp_path)
     a, b = read_metrics(straight), read_metrics(stopped)
