@@ -1,13 +1,15 @@
-"""Score a trained model: validation loss and FID / CMMD / DINO-MMD on held-out data.
+"""Score a trained model: validation loss, FID / CMMD / DINO-MMD on held-out data, the shapes score.
 
     python -m prx.evaluate runs/prx_small_512/checkpoints/step_00100000 --metrics fid,cmmd,dino_mmd \
         --set data.val_path=/data/val --set eval.inception=/weights/pt_inception-2015-12-05-6726825d.pth
+    python -m prx.evaluate runs/tiny/checkpoints/step_00002000 --shapes --no-val --set eval.guidance=2
     torchrun --nproc-per-node 8 -m prx.evaluate EXPORT_FOLDER --samples 10000   # the work split over GPUs
 
 MODEL is a checkpoint directory (its EMA weights when saved) or a folder `python -m prx.export`
 wrote. The settings are the run's (its config), with --set on top (held-out data, feature
-networks, sampling steps and guidance); the same code as the trainer's evaluations
-(`prx.eval.validation`, `prx.eval.quality`), so a number here and one in a run's log compare.
+networks, sampling steps and guidance, TREAD self-guidance); the same code as the trainer's
+evaluations (`prx.eval.validation`, `prx.eval.quality`, `prx.eval.periodic.ShapesEvaluation`),
+so a number here and one in a run's log compare.
 Writes the results as JSON (--out, default MODEL/evaluation.json) and prints them. A bad
 argument or a missing feature network is one line, `error: ...`, exit status 2.
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 from prx.config import ConfigError, OneLineParser, apply_override, metric_names, validate
 from prx.data.heldout import HeldOut
 from prx.data.shards import ShardError
+from prx.eval.periodic import ShapesEvaluation
 from prx.eval.quality import QualityMetrics
 from prx.eval.sample import load_weights, read_settings, weights_problem
 from prx.eval.validation import ValidationLoss
@@ -47,12 +50,17 @@ class _Printer:
     def write(self, record: dict) -> None:
         self.records.append(record)
 
+    def image(self, tag: str, step: int, path: Path) -> None:
+        """Grids stay where they were saved."""
+
 
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog="python -m prx.evaluate", description="Validation loss and quality metrics of a model.")
     p.add_argument("model", help="a checkpoint directory (RUN/checkpoints/step_N) or a python -m prx.export folder")
     p.add_argument("--metrics", help="comma list of fid, cmmd, dino_mmd (default: the run's eval.metrics)")
     p.add_argument("--samples", type=int, help="images per metric (default: the run's eval.metrics_samples)")
+    p.add_argument("--shapes", action="store_true",
+                   help="the shapes score of the held-out prompts (a model trained on the shapes set)")
     p.add_argument("--no-val", action="store_true", help="skip the validation loss")
     p.add_argument("--no-ema", action="store_true", help="the trained weights, not their EMA (when saved)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -78,8 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.samples is not None:
         eval_overrides["metrics_samples"] = args.samples
     cfg = validate(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **eval_overrides)))
-    if not metric_names(cfg.eval.metrics) and args.no_val:
-        raise ConfigError("nothing to evaluate: --no-val and no --metrics (choose from fid, cmmd, dino_mmd)")
+    if not metric_names(cfg.eval.metrics) and args.no_val and not args.shapes:
+        raise ConfigError("nothing to evaluate: --no-val, no --shapes and no --metrics (choose from fid, cmmd, "
+                          "dino_mmd)")
+    if args.shapes and cfg.data.source != "shapes":
+        raise ConfigError(f"--shapes scores a model trained on the shapes set; this one was trained on "
+                          f"data.source={cfg.data.source}")
 
     dist = init_distributed(cfg.train.device)
     out = _Printer(dist.is_main)
@@ -100,8 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         out.print(quality.describe())
         if (metrics := quality(model, tower, step)) is not None:
             results.update({k: v for k, v in metrics.items() if k not in ("kind", "step")})
+    path = Path(args.out) if args.out else model_path / "evaluation.json"
+    if args.shapes:  # its grid: samples/step_N.png beside the results
+        ShapesEvaluation(cfg, tower, dist, path.parent, out)(model, step, last=False)
+        results.update({k: v for k, v in out.records[-1].items() if k not in ("kind", "step")})
+        results["sampling"] = {"steps": cfg.eval.sample_steps, "guidance": cfg.eval.guidance,
+                               "self_guidance": cfg.tread.self_guidance if cfg.tread.enabled else 0.0}
     if dist.is_main:
-        path = Path(args.out) if args.out else model_path / "evaluation.json"
         path.write_text(json.dumps(results, indent=2) + "\n")
         print(f"results: {path}")
     shutdown()

@@ -74,3 +74,27 @@ def test_metrics_in_the_loop_match_the_evaluate_command(tmp_path, capsys):
 def test_evaluate_command_refusals(tmp_path, capsys):
     assert evaluate.cli([str(tmp_path / "nothing")]) == 2
     assert "MODEL=" in capsys.readouterr().err
+
+
+def test_the_shapes_score_of_the_command_is_the_loops(tmp_path, capsys):
+    """`prx.evaluate --shapes` on a run's last checkpoint gives the loop's final score, and takes
+    other sampling settings (how guidance and self-guidance are compared without training again)."""
+    run = tmp_path / "run"
+    shapes = ["--set", "eval.final=true", "--set", "eval.num_prompts=10", "--set", "eval.grid_prompts=2",
+              "--set", "eval.sample_steps=3"]
+    assert train.main(SMALL + shapes + ["--run-dir", str(run), "--steps", "2"]) == 0
+    [loop] = read_metrics(run, "eval")
+    out = tmp_path / "evaluation.json"
+    checkpoint = run / "checkpoints" / "step_00000002"
+    assert evaluate.cli([str(checkpoint), "--shapes", "--no-val", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    for key in ("shapes_color", "shapes_shape", "shapes_position", "shapes_all_correct"):
+        assert results[key] == loop[key]
+    assert results["sampling"] == {"steps": 3, "guidance": 3.0, "self_guidance": 0.0}
+    assert (tmp_path / "samples" / "step_00000002.png").exists()
+    assert evaluate.cli([str(checkpoint), "--shapes", "--no-val", "--out", str(out), "--set", "eval.sample_steps=1",
+                         "--set", "eval.guidance=1.0"]) == 0
+    assert json.loads(out.read_text())["sampling"] == {"steps": 1, "guidance": 1.0, "self_guidance": 0.0}
+    capsys.readouterr()
+    assert evaluate.cli([str(checkpoint), "--no-val"]) == 2
+    assert "no --shapes" in capsys.readouterr().err
