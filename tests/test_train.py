@@ -28,12 +28,14 @@ def read_metrics(run_dir: Path, kind="train") -> list[dict]:
 
 
 def straight_and_resumed(args: list[str], tmp_path: Path, steps: int = 6) -> tuple[Path, Path]:
-    """The same run twice: straight through, and stopped at half way then resumed with --resume auto
-    (the args must checkpoint at steps // 2). Returns the two run folders."""
+    """The same run twice: straight through, and stopped at half way (train.stop_after, the
+    schedule still the whole run's) then resumed with --resume auto. Returns the two run folders."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    train.main(args + ["--run-dir", str(straight), "--steps", str(steps)])
-    train.main(args + ["--run-dir", str(stopped), "--steps", str(steps // 2)])
-    train.main(args + ["--run-dir", str(stopped), "--steps", str(steps), "--resume", "auto"])
+    assert train.main(args + ["--run-dir", str(straight), "--steps", str(steps)]) == 0
+    assert train.main(args + ["--run-dir", str(stopped), "--steps", str(steps),
+                              "--set", f"train.stop_after={steps // 2}"]) == 0
+    assert (stopped / "checkpoints" / f"step_{steps // 2:08d}").is_dir()
+    assert train.main(args + ["--run-dir", str(stopped), "--steps", str(steps), "--resume", "auto"]) == 0
     return straight, stopped
 
 
@@ -51,7 +53,7 @@ def test_lr_warms_up_holds_and_cools_down_to_zero():
     from prx.config import tiny
 
     cfg = tiny()
-    cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.steps = 1e-3, 10, 100
+    cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.cooldown_steps, cfg.train.steps = 1e-3, 10, 0, 100
     constant = [train.lr_at(s, cfg) for s in range(100)]
     assert constant[0] == pytest.approx(1e-4) and constant[9] == constant[99] == pytest.approx(1e-3)
     cfg.optim.cooldown_steps = 40
