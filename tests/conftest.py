@@ -33,10 +33,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A real 4.5 MiB file system (tmpfs), where mounting is allowed (root, as on CI)."""
+    """A real 3.5 MiB file system (tmpfs), where mounting is allowed (root, as on CI)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4608k", "tmpfs", str(mount)],
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3584k", "tmpfs", str(mount)],
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
     yield mount

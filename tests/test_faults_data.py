@@ -323,7 +323,7 @@ def test_training_on_missing_or_unreadable_shards_is_one_line(tmp_path, capsys):
 # ----------------------------------------------------------------------------- a full disk
 
 def test_prepare_on_a_full_disk_keeps_its_complete_shards_and_continues(small_disk, tmp_path, capsys):
-    """Noise PNGs (incompressible, 196 KB each) into 1 MB shards on a 4.5 MiB disk: the fifth shard
+    """Noise PNGs (incompressible, 196 KB each) into 1 MB shards on a 3.5 MiB disk: the fourth shard
     cannot fit. The complete ones stay, the partial one is removed, and the same command run
     where there is room (the folder copied there) makes exactly the shards of a run that never failed."""
     source = tmp_path / "noise"

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import train
 from prx.eval import sample
@@ -43,9 +44,9 @@ def snapshot(run: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
-    """A 4-step run with checkpoints at steps 2 and 4."""
+    """A 6-step run stopped after step 4 (the schedule the whole run's), checkpoints at steps 2 and 4."""
     run = tmp_path_factory.mktemp("finished") / "run"
-    assert train.cli([*RUN, "--run-dir", str(run), "--steps", "4"]) == 0
+    assert train.cli([*RUN, "--run-dir", str(run), "--steps", "6", "--set", "train.stop_after=4"]) == 0
     return run
 
 
@@ -207,21 +208,22 @@ def test_a_run_of_nan_steps_is_logged_as_skipped_and_the_abort_names_a_good_chec
     verify_checkpoint(checkpoint_dir(run) / "step_00000004")  # skipped steps left the weights as they were
 
 
-def test_weights_that_became_inf_are_never_saved(tmp_path, capsys, monkeypatch):
-    real = torch.optim.AdamW.step
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_weights_that_became_inf_are_never_saved(tmp_path, capsys, optimizer):
     calls = []
 
-    def poisoning_step(self, *args, **kwargs):
-        result = real(self, *args, **kwargs)
+    def poison_after_the_third_step(opt, args, kwargs):
         calls.append(1)
         if len(calls) == 3:
             with torch.no_grad():
-                self.param_groups[0]["params"][0].fill_(float("inf"))
-        return result
+                opt.param_groups[0]["params"][0].fill_(float("inf"))
 
-    monkeypatch.setattr(torch.optim.AdamW, "step", poisoning_step)
+    hook = register_optimizer_step_post_hook(poison_after_the_third_step)
     run = tmp_path / "run"
-    status, err = cli(capsys, "--run-dir", str(run), "--steps", "6")
+    try:
+        status, err = cli(capsys, "--run-dir", str(run), "--steps", "6", "--set", f"optim.name={optimizer}")
+    finally:
+        hook.remove()
     assert status == 2 and len(err) == 1, err
     assert "step 4: the weights or optimizer state hold NaN or inf, so they were not saved" in err[0]
     assert str(checkpoint_dir(run) / "step_00000002") in err[0]
@@ -272,7 +274,8 @@ def test_a_failed_background_save_stops_the_run_at_the_next_step(tmp_path, capsy
 
 
 def test_a_really_full_disk(small_disk, capsys):
-    """One checkpoint of this model takes 3.0 MiB (weights and AdamW moments): the second cannot fit."""
+    """One checkpoint of this model takes 2.2 MiB with Muon (weights, momentum, Adam moments of the
+    vectors), 3.0 MiB with AdamW: on the 3.5 MiB disk the second cannot fit."""
     run = small_disk / "run"
     status, err = cli(capsys, "--run-dir", str(run), "--steps", "6")
     assert status == 2 and len(err) == 1, err

@@ -1,5 +1,6 @@
 """Muon + Adam (prx.optim) against plain per-parameter implementations of the same math."""
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -88,7 +89,10 @@ def test_parameter_split_follows_the_recipe():
             "time_in.fc1.weight", "blocks.1.modulation.bias"} <= adam
     assert len(muon) + len(adam) == len(list(model.parameters()))
     assert not is_muon_parameter("blocks.0.attn.q_norm.scale", torch.zeros(4))
-    assert isinstance(build_optimizer(model, preset("tiny")), torch.optim.AdamW)
+    tiny = preset("tiny")
+    assert isinstance(build_optimizer(model, tiny), MuonAdam)  # the tiny preset trains with Muon too
+    adamw = dataclasses.replace(tiny, optim=dataclasses.replace(tiny.optim, name="adamw"))
+    assert isinstance(build_optimizer(model, adamw), torch.optim.AdamW)
 
 
 @pytest.mark.parametrize("schedule", ["jordan", "polar_express"])

@@ -180,14 +180,14 @@ def test_accumulation_equals_one_big_batch(tmp_path):
                          [("ddp", False, "adamw"), ("fsdp", False, "adamw"), ("fsdp", True, "adamw"),
                           ("fsdp", False, "muon")])
 def test_save_at_two_processes_resume_at_one(tmp_path, data_parallel, asynchronous, optimizer):
-    """Uninterrupted 1-process run vs 2 processes for 3 steps, then 1 process from that checkpoint.
+    """Uninterrupted 1-process run vs 2 processes for 3 of its 6 steps, then 1 process from that checkpoint.
 
     With Muon under FSDP2 the matrices travel to their owner ranks and the momentum buffers are
     resharded on resume."""
     args = SMALL + ["--set", f"parallel.data_parallel={data_parallel}", "--set", "train.checkpoint_every=3",
                     "--set", f"train.async_checkpoint={asynchronous}", "--set", f"optim.name={optimizer}"]
     run_train(args + ["--run-dir", str(tmp_path / "straight"), "--steps", "6"])
-    run_train(args + ["--run-dir", str(tmp_path / "moved"), "--steps", "3"], nproc=2)
+    run_train(args + ["--run-dir", str(tmp_path / "moved"), "--steps", "6", "--set", "train.stop_after=3"], nproc=2)
     if data_parallel == "fsdp" and optimizer == "muon":
         assert_sharded_checkpoint_exports(tmp_path / "moved", tmp_path / "straight", 3)
     run_train(args + ["--run-dir", str(tmp_path / "moved"), "--steps", "6", "--resume", "auto"])
@@ -253,9 +253,9 @@ def test_sigterm_checkpoints_the_step_in_flight_and_the_run_continues_from_it(tm
     assert stopped_at < 1000 and f"stopped by SIGTERM after step {stopped_at}" in out, out[-3000:]
     assert latest_checkpoint(run_dir).name == f"step_{stopped_at:08d}"
 
-    end = stopped_at + 3
-    run_train(args + ["--steps", str(end), "--run-dir", str(run_dir)])
-    run_train(args + ["--steps", str(end), "--run-dir", str(tmp_path / "straight")])
+    end = stopped_at + 3  # both on the 1000-step schedule (its cooldown depends on train.steps)
+    run_train(args + ["--steps", "1000", "--set", "train.stop_after=3", "--run-dir", str(run_dir)])
+    run_train(args + ["--steps", "1000", "--set", f"train.stop_after={end}", "--run-dir", str(tmp_path / "straight")])
     resumed, straight = losses(run_dir), losses(tmp_path / "straight")
     assert resumed.keys() == straight.keys() == set(range(1, end + 1))
     for step in straight:
