@@ -87,8 +87,8 @@ def new(name: str, seeds: list[int], train_args: list[str]) -> Path:
         print(f"  {runs[-1]['score']['shapes_all_correct']:.1%} of scenes, {runs[-1]['wall_s'] / 60:.1f} min",
               flush=True)
     summary = summarize(runs)
-    (folder / "command.txt").write_text(shlex.join(["make", "speedrun", "ARGS=--seed S " + shlex.join(train_args)])
-                                        + "\n")
+    make_args = " ".join(["--seed S", shlex.join(train_args)]).strip()
+    (folder / "command.txt").write_text(shlex.join(["make", "speedrun", f"ARGS={make_args}"]) + "\n")
     (folder / "config.json").write_text(json.dumps(runs[0]["config"], indent=1) + "\n")
     (folder / "scores.json").write_text(json.dumps(
         {"train_args": train_args, "machine": env, **summary,
