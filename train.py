@@ -64,10 +64,12 @@ from prx.text import BatchCaptions, CaptionTable, StoredPrompts, TextTower
 
 def lr_at(step: int, cfg: Config) -> float:
     """Linear warmup over `warmup_steps`, then constant (docs/recipe.md section 6); with
-    `cooldown_steps`, linear decay to zero over the run's last steps."""
+    `cooldown_fraction`, linear decay to zero over that share of the run's last steps (a share,
+    not a count, so `--steps 100` of the tiny preset still trains at full lr for 70 steps)."""
     o = cfg.optim
     warmup = min(1.0, (step + 1) / max(o.warmup_steps, 1))
-    cooldown = min(1.0, (cfg.train.steps - step) / o.cooldown_steps) if o.cooldown_steps else 1.0
+    cooldown_steps = round(o.cooldown_fraction * cfg.train.steps)
+    cooldown = min(1.0, (cfg.train.steps - step) / cooldown_steps) if cooldown_steps else 1.0
     return o.lr * min(warmup, cooldown)
 
 

@@ -244,7 +244,7 @@ def test_export_parity_benchmark_scores_both_samplers_alike(tmp_path):
     train.main(SMALL + ["--run-dir", str(tmp_path / "run"), "--steps", "3", "--set", "eval.num_prompts=3",
                         "--set", "eval.sample_steps=4", "--set", "eval.grid_prompts=3",
                         # the full lr from step 1 (no warmup, no cooldown): weights away from their init
-                        "--set", "optim.warmup_steps=1", "--set", "optim.cooldown_steps=0"])
+                        "--set", "optim.warmup_steps=1", "--set", "optim.cooldown_fraction=0"])
     rows = parity(["--checkpoint", str(tmp_path / "run" / "checkpoints" / "step_00000003"),
                    "--out", str(tmp_path / "out"), "--csv-dir", str(tmp_path)])
     ours, theirs = rows

@@ -53,10 +53,10 @@ def test_lr_warms_up_holds_and_cools_down_to_zero():
     from prx.config import tiny
 
     cfg = tiny()
-    cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.cooldown_steps, cfg.train.steps = 1e-3, 10, 0, 100
+    cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.cooldown_fraction, cfg.train.steps = 1e-3, 10, 0.0, 100
     constant = [train.lr_at(s, cfg) for s in range(100)]
     assert constant[0] == pytest.approx(1e-4) and constant[9] == constant[99] == pytest.approx(1e-3)
-    cfg.optim.cooldown_steps = 40
+    cfg.optim.cooldown_fraction = 0.4  # the last 40 of 100 steps
     cooled = [train.lr_at(s, cfg) for s in range(100)]
     assert cooled[:60] == constant[:60]  # untouched until the last 40 steps
     assert cooled[60] == pytest.approx(1e-3) and cooled[80] == pytest.approx(0.5e-3)
