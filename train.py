@@ -65,7 +65,7 @@ from prx.text import BatchCaptions, CaptionTable, StoredPrompts, TextTower
 def lr_at(step: int, cfg: Config) -> float:
     """Linear warmup over `warmup_steps`, then constant (docs/recipe.md section 6); with
     `cooldown_fraction`, linear decay to zero over that share of the run's last steps (a share,
-    not a count, so `--steps 100` of the tiny preset still trains at full lr for 70 steps)."""
+    not a count, so a shorter run keeps the shape: `--steps 1000` of the tiny preset cools over 300)."""
     o = cfg.optim
     warmup = min(1.0, (step + 1) / max(o.warmup_steps, 1))
     cooldown_steps = round(o.cooldown_fraction * cfg.train.steps)
