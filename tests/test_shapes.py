@@ -23,6 +23,7 @@ from prx.data.shapes import (
     SHAPES,
     SIZE_WORDS,
     Scene,
+    ShapesBatches,
     ShapesDataset,
     collate,
     coverage,
@@ -120,6 +121,22 @@ def test_dataset_items() -> None:
         img = render_scene(make_scene(1, 0), res)
         assert img.shape == (3, res, res) and img.dtype == np.uint8
         assert (img != 255).any()  # something was drawn
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_batches_keep_renders(keep: bool, monkeypatch) -> None:
+    """Kept renders (a set that fits in KEEP_BYTES) give the batches of rendering every time,
+    across epochs; a set over the limit keeps nothing."""
+    if not keep:
+        monkeypatch.setattr(ShapesBatches, "KEEP_BYTES", 10 * 3 * 16 * 16 - 1)
+    source = ShapesBatches(seed=4, resolution=16, length=10, batch_size=4, device=torch.device("cpu"))
+    dataset = ShapesDataset(seed=4, resolution=16, length=10)
+    for _ in range(8):  # 32 samples: three passes over the 10 scenes
+        batch = source.next_batch()
+        images, captions, _ = collate([dataset[i] for i in batch.ids])
+        assert torch.equal(batch.images, images) and batch.captions == captions
+    assert (source.rendered is not None) == keep
+    assert source.rendered is None or sorted(source.rendered) == list(range(10))
 
 
 def test_render_is_fast() -> None:
