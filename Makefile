@@ -26,6 +26,9 @@ $(DEV_STAMP): $(STAMP)  # and the test suite's packages (the dev extra)
 	bash tools/setup_venv.sh $(VENV) $(PYTHON) dev
 	touch $(DEV_STAMP)
 
+# The speedrun's processes (setup's check, train.py, the plot) share modules: where the shell sets
+# PYTHONDONTWRITEBYTECODE, each would compile them from source again.
+speedrun: export PYTHONDONTWRITEBYTECODE :=
 speedrun: $(STAMP)  # then the run's plots: SPEEDRUN_DIR/plots/*.png
 	$(PY) train.py --run-dir $(SPEEDRUN_DIR) $(ARGS)
 	$(PY) -m prx.plot $(SPEEDRUN_DIR)

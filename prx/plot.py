@@ -22,8 +22,7 @@ import sys
 from pathlib import Path
 
 from prx.config_rules import ConfigError, OneLineParser
-from prx.recipe.flow import T_BIN_NAMES
-from prx.recipe.loss_terms import LOSS_TERMS
+from prx.run.log_names import LOSS_TERMS, T_BIN_NAMES
 
 DPI = 120
 PANEL_SIZE = (4.6, 3.4)  # inches per panel: three panels a row make a 1656 px wide image

@@ -256,3 +256,19 @@ def test_gram_kernels_at_prx_shapes(shape):
 
     assert torch.all(distance(kernel) <= 2 * distance(torch_same_rounding) + 1e-3), (distance(kernel),
                                                                                        distance(torch_same_rounding))
+
+
+def test_gram_reference_in_fp32_mirrors_nothing_and_stays_at_the_exact_iteration():
+    """fp32 storage skips the mirror of the half path (rounding-level asymmetry only) and lands
+    within fp32 rounding of the fp64 iteration, where fp16 storage is ~1e-3 away."""
+    s = NewtonSchulzSchedule.named("jordan", 5)
+    x = random_bank(3, 48, 160, seed=11)
+    exact = reference(x.double(), list(s.coefficients), s.norm_safety, s.eps)
+
+    def distance(o):
+        return ((o.double() - exact).norm() / exact.norm()).item()
+
+    assert distance(ref.newton_schulz(x, list(s.coefficients), method="gram")) < 2e-5
+    assert distance(ref.newton_schulz(x.half(), list(s.coefficients), method="gram")) > 1e-4
+    half = ref._product(x.half(), x.half().mT, torch.float16)
+    assert torch.equal(half, half.mT)  # fp16: mirrored, as the kernels store it

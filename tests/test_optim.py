@@ -13,7 +13,7 @@ from torch import nn
 from kernels.ref import newton_schulz
 from prx.config import ModelConfig, preset
 from prx.model.denoiser import PRX
-from prx.optim import MuonAdam, NewtonSchulzSchedule, build_optimizer, is_muon_parameter
+from prx.optim import MuonAdam, NewtonSchulzSchedule, bank_dtype, build_optimizer, is_muon_parameter
 from prx.run.parallel import apply_activation_checkpointing
 from tests.test_parallel import torchrun
 
@@ -93,6 +93,13 @@ def test_parameter_split_follows_the_recipe():
     assert isinstance(build_optimizer(model, tiny), MuonAdam)  # the tiny preset trains with Muon too
     adamw = dataclasses.replace(tiny, optim=dataclasses.replace(tiny.optim, name="adamw"))
     assert isinstance(build_optimizer(model, adamw), torch.optim.AdamW)
+
+
+def test_muon_banks_are_bf16_on_a_gpu_and_fp32_on_a_cpu():
+    """The recipe's bf16 banks are for the Triton kernels; on a CPU half storage only adds casts."""
+    assert bank_dtype(torch.device("cuda", 0)) == torch.bfloat16
+    assert bank_dtype(torch.device("cpu")) == torch.float32
+    assert build_optimizer(PRX(preset("tiny").model), preset("tiny")).ns_dtype == torch.float32
 
 
 @pytest.mark.parametrize("schedule", ["jordan", "polar_express"])

@@ -14,10 +14,7 @@ import torch
 
 import kernels
 from prx.config import FlowConfig
-
-# Timestep bins of the per-t loss log: [0, 0.3), [0.3, 0.6), [0.6, 1].
-T_BIN_EDGES = (0.3, 0.6)
-T_BIN_NAMES = ("t0.0-0.3", "t0.3-0.6", "t0.6-1.0")
+from prx.run.log_names import T_BIN_EDGES, T_BIN_NAMES
 
 
 def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:

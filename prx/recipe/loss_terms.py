@@ -27,9 +27,9 @@ from prx.recipe.flow import flow_loss
 from prx.recipe.lpips import LPIPSLoss
 from prx.recipe.repa import repa_loss, teacher_targets
 from prx.recipe.teachers import FrozenDino, load_dino
+from prx.run.log_names import LOSS_TERMS
 
 Tensor = torch.Tensor
-LOSS_TERMS = ("diffusion", "repa", "lpips", "dino")  # logged as loss_<term>, weighted
 
 
 @dataclass

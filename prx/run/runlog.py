@@ -18,9 +18,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from prx.recipe.flow import T_BIN_NAMES
-from prx.recipe.loss_terms import LOSS_TERMS
 from prx.run.log_backends import LogBackend, record_scalars
+from prx.run.log_names import LOSS_TERMS, T_BIN_NAMES
 
 
 class RunLog:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from prx.recipe.flow import T_BIN_NAMES, loss_sums_by_t_bin
-from prx.recipe.loss_terms import LOSS_TERMS
+from prx.recipe.flow import loss_sums_by_t_bin
 from prx.run.distributed import all_reduce_mean
+from prx.run.log_names import LOSS_TERMS, T_BIN_NAMES
 
 
 class TrainMetrics:
